@@ -1,0 +1,111 @@
+"""The word tokenizer shared by training and serving (torch-free).
+
+Free text becomes the same kind of words the Brown-LM protocol trains on: lowercased,
+punctuation split off, contractions and hyphenated words kept whole, common abbreviations
+(``mr.``, ``u.s.``) kept whole, and ``<eos>`` after a sentence-final mark.
+
+Tokenization is *chunk-local*: text is split at whitespace and every chunk is tokenized on its
+own. That is what makes streaming exact: once whitespace follows a chunk, its words can never
+change, so a session may commit them to the recurrent state and never look at them again.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+UNK = "<unk>"
+EOS = "<eos>"
+SPECIAL_TOKENS = (UNK, EOS)
+
+_ABBREVIATIONS = (
+    "mr mrs ms dr st jr sr co corp inc ltd gen gov sen rep rev prof capt col lt sgt maj mt ft "
+    "vs etc jan feb mar apr aug sept sep oct nov dec no nos vol pp ave blvd dept univ"
+).split()
+
+_QUOTES = str.maketrans({"“": "``", "”": "''", "‘": "'", "’": "'", "–": "--", "—": "--"})
+
+_TOKEN = re.compile(
+    r"""
+    (?:[^\W\d_]\.){2,}                                   # u.s.  p.m.
+    | (?:%s)\.(?![^\W_])                                  # mr.  gen.
+    | \d+(?:[.,:/]\d+)*(?:[^\W\d_]+)?                      # 1,000  3.5  1960s
+    | [^\W_]+(?:['&-][^\W_]+)*(?:'(?!'))?                  # don't  anti-trust  boys'
+    | ``|''|--|\.\.\.                                     # multi-character marks
+    | [^\w\s]                                              # any other single mark
+    """
+    % "|".join(_ABBREVIATIONS),
+    re.VERBOSE,
+)
+
+# A chunk whose last word (before closing quotes/brackets) is one of these ends a sentence:
+# the model then sees <eos>, as in training.
+_SENTENCE_END = {".", "!", "?", "..."}
+_CLOSERS = {"''", "'", ")"}
+# Characters that may still be growing a word when the text stops: a prefix to complete.
+_PARTIAL_WORD = re.compile(r"[^\W_][\w'&-]*$")
+_LAST_CHUNK = re.compile(r"\S*$")
+
+
+def _normalise(chunk: str) -> str:
+    chunk = chunk.lower().translate(_QUOTES)
+    # A straight double quote opens when it starts the chunk, closes otherwise (Brown's `` and '').
+    if chunk.startswith('"'):
+        chunk = "``" + chunk[1:]
+    return chunk.replace('"', "''")
+
+
+def tokenize_chunk(chunk: str) -> list[str]:
+    """Words of one whitespace-free chunk, with ``<eos>`` appended after a sentence end."""
+    chunk = _normalise(chunk)
+    words = _TOKEN.findall(chunk)
+    end = len(words)
+    while end and words[end - 1] in _CLOSERS:
+        end -= 1
+    if end and words[end - 1] in _SENTENCE_END:
+        words.append(EOS)
+    return words
+
+
+def tokenize(text: str) -> list[str]:
+    """All words of ``text`` (every chunk complete), as used for training on plain text."""
+    return [w for chunk in text.split() for w in tokenize_chunk(chunk)]
+
+
+@dataclass(frozen=True)
+class SplitText:
+    """Text split the way a keyboard sees it.
+
+    ``committed``: words of chunks followed by whitespace (final; safe to commit to state).
+    ``tail``: words of the last chunk when no whitespace follows it (complete but revisable).
+    ``prefix``: the word being typed (lowercased), or ``""`` when the text ends a word.
+    ``pending``: the raw last chunk (what a session keeps uncommitted).
+    """
+
+    committed: list[str]
+    tail: list[str]
+    prefix: str
+    pending: str
+
+    @property
+    def context(self) -> list[str]:
+        return self.committed + self.tail
+
+
+def split_text(text: str) -> SplitText:
+    """Split text into committed words, the unfinished last chunk, and the prefix being typed."""
+    if not text or text[-1].isspace():
+        return SplitText(tokenize(text), [], "", "")
+    last = _LAST_CHUNK.search(text).group()
+    head = text[: len(text) - len(last)]
+    committed = tokenize(head)
+    normal = _normalise(last)
+    partial = _PARTIAL_WORD.search(normal)
+    if partial is None:
+        return SplitText(committed, tokenize_chunk(last), "", last)
+    start = partial.start()
+    # Keep abbreviation/number context whole: "u.s" is typed as a prefix of "u.s.".
+    while start > 0 and normal[start - 1] == "." and start > 1 and normal[start - 2].isalpha():
+        start -= 2
+    tail = _TOKEN.findall(normal[:start])
+    return SplitText(committed, tail, normal[start:], last)
