@@ -35,21 +35,26 @@ from tqdm import tqdm
 from training.data import build_vocab, load_corpus
 from training.metrics import StreamMetrics
 
+FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)
+
 
 def modified_kn_discounts(adjusted_counts: np.ndarray) -> tuple[float, float, float]:
     """Chen & Goodman's D1, D2, D3+ from the count-of-counts n1..n4 of one level.
 
-    The closed form assumes n1..n4 > 0 and yields 0 <= D_r <= r on natural text; on degenerate
-    (tiny, synthetic) data it can leave that range, so each D_r is clipped to [0, r]. That keeps
-    every discounted count non-negative and so the distribution normalised.
+    The closed form needs n1..n4 > 0; on natural text it then gives 0 < D_r < r. On degenerate
+    (tiny or synthetic) data it can be undefined or leave (0, r]; a zero discount would leave a
+    level no back-off mass, and at the unigram level that gives unseen words probability 0. So,
+    like KenLM's ``--discount_fallback``, the whole level then uses the fixed (0.5, 1, 1.5).
     """
     a = np.asarray(adjusted_counts)
     n1, n2, n3, n4 = (float(np.count_nonzero(a == r)) for r in (1, 2, 3, 4))
-    y = n1 / (n1 + 2.0 * n2) if n1 + 2.0 * n2 > 0 else 0.0
-    d1 = 1.0 - 2.0 * y * n2 / n1 if n1 > 0 else 0.0
-    d2 = 2.0 - 3.0 * y * n3 / n2 if n2 > 0 else 0.0
-    d3 = 3.0 - 4.0 * y * n4 / n3 if n3 > 0 else 0.0
-    return float(np.clip(d1, 0.0, 1.0)), float(np.clip(d2, 0.0, 2.0)), float(np.clip(d3, 0.0, 3.0))
+    if min(n1, n2, n3, n4) == 0:
+        return FALLBACK_DISCOUNTS
+    y = n1 / (n1 + 2.0 * n2)
+    d = (1.0 - 2.0 * y * n2 / n1, 2.0 - 3.0 * y * n3 / n2, 3.0 - 4.0 * y * n4 / n3)
+    if not all(0.0 < dr <= r for r, dr in zip((1, 2, 3), d, strict=True)):
+        return FALLBACK_DISCOUNTS
+    return float(d[0]), float(d[1]), float(d[2])
 
 
 def _discount(counts: np.ndarray, d: tuple[float, float, float]) -> np.ndarray:
@@ -166,7 +171,8 @@ class KneserNey:
         _, first = np.unique(upper[valid], return_index=True)
         suffix = grams[k][valid[first]]
         counts = np.bincount(suffix, minlength=keys[k].size)
-        counts[grams[k][k - 1]] += 1  # the first k-gram of the stream has no word before it
+        if grams[k].size >= k:
+            counts[grams[k][k - 1]] += 1  # the first k-gram of the stream has no word before it
         return counts
 
     @property
@@ -226,9 +232,9 @@ class KneserNey:
             flat_idx.append(rep * v + lvl.words[idx])
             flat_val.append(lvl.alpha[idx] * weight[rep, k])
         if flat_idx:
-            probs += np.bincount(
-                np.concatenate(flat_idx), weights=np.concatenate(flat_val), minlength=b * v
-            ).reshape(b, v)
+            probs += np.bincount(np.concatenate(flat_idx), weights=np.concatenate(flat_val), minlength=b * v).reshape(
+                b, v
+            )
         return probs
 
     def distribution(self, context: Sequence[int]) -> np.ndarray:

@@ -55,6 +55,7 @@ class TrainConfig:
     time_limit_minutes: float | None = None
     log_every: int = 25
     eval_bptt: int = 128
+    valid_tokens: int | None = 40000  # validation during training reads the first N tokens (full split at the end)
     max_eval_tokens: int | None = None
     threads: int | None = None
     model: dict[str, Any] = field(default_factory=dict)
@@ -263,7 +264,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
         stop = torch.zeros(2)
         if main_process:
-            valid = evaluate(model, valid_ids, cfg.eval_bptt, cfg.max_eval_tokens)
+            valid = evaluate(model, valid_ids, cfg.eval_bptt, _min_opt(cfg.max_eval_tokens, cfg.valid_tokens))
             improved = valid["ppl"] < best_valid
             best_valid = min(best_valid, valid["ppl"])
             bad_epochs = 0 if improved else bad_epochs + 1
@@ -291,8 +292,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         best = torch.load(best_path, map_location="cpu", weights_only=False)
         model.load_state_dict(best["model"])
         test = evaluate(model, test_ids, cfg.eval_bptt, cfg.max_eval_tokens)
+        valid = evaluate(model, valid_ids, cfg.eval_bptt, cfg.max_eval_tokens)
         summary = {
-            "best_valid_ppl": best_valid, "best_epoch": best["epoch"], "test": test,
+            "best_valid_ppl": best_valid, "best_epoch": best["epoch"], "valid": valid, "test": test,
             "train_minutes": (time.time() - started) / 60, "steps": step,
             "parameters": model.num_parameters(), "processes": world,
             "corpus": splits.name, "protocol": splits.protocol,
@@ -304,6 +306,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if distributed:
         dist.destroy_process_group()
     return summary
+
+
+def _min_opt(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _features(net: torch.nn.Module, model: LanguageModel, x: Tensor, state: State) -> tuple[Tensor, State]:

@@ -1,0 +1,87 @@
+"""Service configuration: one settings class, every field an ``NEXTWORD_<FIELD>`` environment variable.
+
+Example: ``NEXTWORD_MODEL_REPOSITORY=/srv/models NEXTWORD_DEVICE=cuda nextword-serve``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All knobs of the service. Defaults suit a laptop; containers override them by env."""
+
+    model_config = SettingsConfigDict(env_prefix="NEXTWORD_", extra="ignore", protected_namespaces=())
+
+    # --- model repository -------------------------------------------------------------------
+    model_repository: Path = Field(Path("models"), description="Root of models/<name>/<version>/.")
+    default_model: str | None = Field(
+        None, description="Model answering requests that name none (default: the first name alphabetically)."
+    )
+    reload_interval_seconds: float = Field(
+        5.0, ge=0, description="How often the repository is polled for new/removed versions (0 = never; "
+        "POST /v1/models/reload still works)."
+    )
+
+    # --- runtime ------------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="cuda needs onnxruntime-gpu and a GPU (else start-up fails); auto falls back to CPU."
+    )
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0 = its default).")
+
+    # --- dynamic batching ---------------------------------------------------------------------
+    max_batch_size: int = Field(64, ge=1, description="Most rows coalesced into one onnxruntime call.")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, description="Longest the oldest queued item waits for companions before its batch runs."
+    )
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Cap on rows x padded length of one batch, so one long text does not make "
+        "many short ones pay for its padding."
+    )
+    queue_capacity: int = Field(1024, ge=1, description="Work items waiting per model version; beyond it: 503.")
+    request_timeout_seconds: float = Field(
+        10.0, gt=0, description="Deadline of a work item from submission; waiting past it gives 504."
+    )
+
+    # --- input limits -------------------------------------------------------------------------
+    max_text_chars: int = Field(10_000, ge=1, description="Longest accepted text (characters); longer: 413.")
+    max_batch_items: int = Field(64, ge=1, description="Most items in one POST /v1/predict/batch.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body; larger: 413.")
+    context_words: int = Field(
+        64, ge=1, description="Context budget: stateless predict reads only the last N words of the text "
+        "(the response then says truncated=true)."
+    )
+
+    # --- HTTP / logging -----------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    # --- sessions (used by the stateful-session feature) ---------------------------------------
+    session_store: str = Field("memory", description="memory, or a redis://... URL.")
+    session_ttl_seconds: float = Field(1800.0, gt=0, description="Idle time after which a session expires.")
+    max_sessions: int = Field(100_000, ge=1, description="LRU bound of the in-memory session store.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"critical", "error", "warning", "info", "debug", "trace"}:
+            raise ValueError("log_level must be one of critical, error, warning, info, debug, trace")
+        return value
+
+    @field_validator("session_store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("session_store must be 'memory' or a redis:// URL")
+        return value
+
+    @property
+    def max_queue_delay_seconds(self) -> float:
+        return self.max_queue_delay_ms / 1000.0

@@ -1,0 +1,35 @@
+"""FastAPI dependencies (``Annotated`` aliases) giving handlers the settings and engine parts.
+
+The engine lives on ``app.state`` (created by ``create_app``, started by its lifespan), so tests
+can build an app around any settings and several apps can coexist in one process."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.config import Settings
+from service.engine import Engine, ModelRepository, Predictor
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def get_repository(request: Request) -> ModelRepository:
+    return get_engine(request).repository
+
+
+def get_predictor(request: Request) -> Predictor:
+    return get_engine(request).predictor
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]

@@ -1,0 +1,212 @@
+"""Next-word prediction, prefix completion and scoring on top of the repository and batcher.
+
+Keyboard semantics (``nextword.text.split_text``): when the text ends inside a word, that
+fragment is a *prefix* to complete: every offered word starts with it and the probabilities are
+renormalised over the matching words. Otherwise the next whole word is predicted. ``<unk>`` and
+``<eos>`` are never offered.
+
+Stateless model input: ``[<eos>] + the last N context words`` (N = ``NEXTWORD_CONTEXT_WORDS``,
+the context budget; the result says ``truncated`` when words were dropped) from the zero state.
+Scoring reads the whole text (bounded by ``NEXTWORD_MAX_TEXT_CHARS``): tokens
+``[<eos>, w1..w(n-1)]`` against targets ``[w1..wn]`` through the score graph.
+
+Inference goes through the version's batcher; top-k and prefix selection run afterwards on the
+returned row with numpy (:class:`~service.engine.vocab_index.VocabIndex`), outside any lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from nextword.text import split_text, tokenize
+from service.config import Settings
+from service.engine.batcher import PREDICT, SCORE, WorkItem, WorkResult
+from service.engine.errors import BatcherClosedError, InvalidInputError, TextTooLongError
+from service.engine.repository import LoadedVersion, ModelRepository
+from service.engine.vocab_index import TopK
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    word: str
+    id: int
+    log_prob: float
+    probability: float
+
+
+@dataclass
+class Prediction:
+    model: str
+    version: int
+    candidates: list[Candidate]
+    prefix: str
+    context_words: int  # words the model read (after the context budget), <eos> start excluded
+    truncated: bool  # True when the context budget dropped earlier words
+    prefix_probability: float  # model probability of all eligible words matching the prefix
+    matches: int  # eligible words matching the prefix
+
+
+@dataclass
+class WordScore:
+    word: str
+    id: int
+    log_prob: float
+    rank: int
+    oov: bool
+
+
+@dataclass
+class ScoreResult:
+    model: str
+    version: int
+    words: list[WordScore] = field(default_factory=list)
+    total_log_prob: float = 0.0
+    perplexity: float = 0.0
+
+
+@dataclass(frozen=True)
+class PredictQuery:
+    text: str
+    k: int = 5
+    model: str | None = None
+    version: int | None = None
+
+
+def encode_context(version: LoadedVersion, words: Sequence[str], budget: int) -> tuple[np.ndarray, int, bool]:
+    """Model input for a fresh context: ``[<eos>] + ids of the last ``budget`` words``.
+
+    Returns the ids, how many words were kept, and whether earlier words were dropped."""
+    truncated = len(words) > budget
+    kept = list(words[-budget:]) if truncated else list(words)
+    ids = np.empty(len(kept) + 1, dtype=np.int64)
+    ids[0] = version.eos_id
+    ids[1:] = version.vocab.encode(kept)
+    return ids, len(kept), truncated
+
+
+def select(version: LoadedVersion, log_probs: np.ndarray, k: int, prefix: str = "") -> tuple[list[Candidate], TopK]:
+    """Top-k words from one log-prob row, completing ``prefix`` when given (see VocabIndex.top_k)."""
+    top = version.index.top_k(log_probs, k, prefix)
+    words = version.index.decode(top.ids)
+    candidates = [
+        Candidate(word=w, id=int(i), log_prob=float(lp), probability=float(math.exp(lp)))
+        for w, i, lp in zip(words, top.ids, top.log_probs, strict=True)
+    ]
+    return candidates, top
+
+
+class Predictor:
+    """Stateless next-word prediction and scoring for the HTTP layer (and any other front end)."""
+
+    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
+        self.repository = repository
+        self.settings = settings
+
+    async def with_version(
+        self, model: str | None, version: int | None, fn: Callable[[LoadedVersion], Awaitable[T]]
+    ) -> T:
+        """Run ``fn`` on the resolved version; if that version was unloaded in between (its batcher
+        closed by a hot swap), resolve once more, so a swap never fails a request."""
+        for attempt in range(3):
+            resolved = self.repository.resolve(model, version)
+            try:
+                return await fn(resolved)
+            except BatcherClosedError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0)
+        raise AssertionError("unreachable")
+
+    def check_text(self, text: str, field_name: str = "text") -> None:
+        if len(text) > self.settings.max_text_chars:
+            raise TextTooLongError(len(text), self.settings.max_text_chars, field_name)
+
+    # --- prediction ---------------------------------------------------------------------------
+
+    async def predict(self, text: str, k: int = 5, model: str | None = None, version: int | None = None) -> Prediction:
+        return (await self.predict_many([PredictQuery(text, k, model, version)]))[0]
+
+    async def predict_many(self, queries: Sequence[PredictQuery]) -> list[Prediction]:
+        """Predict for many texts; items for one version are submitted together (all or none
+        queued), so a batch request fills batches instead of trickling in."""
+        for i, q in enumerate(queries):
+            self.check_text(q.text, "text" if len(queries) == 1 else f"items.{i}.text")
+        groups: dict[tuple[str | None, int | None], list[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault((q.model, q.version), []).append(i)
+        results: list[Prediction | None] = [None] * len(queries)
+
+        async def run_group(key: tuple[str | None, int | None], indices: list[int]) -> None:
+            async def on(version: LoadedVersion) -> None:
+                prepared = []
+                for i in indices:
+                    split = split_text(queries[i].text)
+                    ids, kept, truncated = encode_context(version, split.context, self.settings.context_words)
+                    prepared.append((i, split.prefix, kept, truncated, WorkItem(ids, PREDICT)))
+                outputs = await version.batcher.run_many([p[4] for p in prepared])
+                for (i, prefix, kept, truncated, _), out in zip(prepared, outputs, strict=True):
+                    results[i] = self._prediction(version, out, queries[i].k, prefix, kept, truncated)
+
+            await self.with_version(key[0], key[1], on)
+
+        if len(groups) == 1:
+            (key, indices), = groups.items()
+            await run_group(key, indices)
+        else:
+            outcomes = await asyncio.gather(*(run_group(k, v) for k, v in groups.items()), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _prediction(
+        version: LoadedVersion, out: WorkResult, k: int, prefix: str, kept: int, truncated: bool
+    ) -> Prediction:
+        assert out.log_probs is not None
+        candidates, top = select(version, out.log_probs, k, prefix)
+        return Prediction(
+            model=version.name, version=version.version, candidates=candidates, prefix=prefix,
+            context_words=kept, truncated=truncated, prefix_probability=top.mass, matches=top.matches,
+        )
+
+    # --- scoring ------------------------------------------------------------------------------
+
+    async def score(self, text: str, model: str | None = None, version: int | None = None) -> ScoreResult:
+        self.check_text(text)
+        words = tokenize(text)
+        if not words:
+            raise InvalidInputError("text contains no words to score", "text")
+
+        async def on(lv: LoadedVersion) -> ScoreResult:
+            ids = np.asarray(lv.vocab.encode(words), dtype=np.int64)
+            tokens = np.concatenate([[lv.eos_id], ids[:-1]]).astype(np.int64)
+            out = await lv.batcher.run(WorkItem(tokens, SCORE, targets=ids))
+            assert out.target_log_probs is not None and out.target_ranks is not None
+            lps = out.target_log_probs.astype(np.float64)
+            unk = lv.vocab.unk_id
+            scored = [
+                WordScore(word=w, id=int(i), log_prob=float(lp), rank=int(r), oov=bool(i == unk and w != "<unk>"))
+                for w, i, lp, r in zip(words, ids, lps, out.target_ranks, strict=True)
+            ]
+            total = float(lps.sum())
+            return ScoreResult(
+                model=lv.name, version=lv.version, words=scored, total_log_prob=total,
+                perplexity=_perplexity(total, len(words)),
+            )
+
+        return await self.with_version(model, version, on)
+
+
+
+def _perplexity(total_log_prob: float, count: int) -> float:
+    # exp overflows past ~709; no real model gets there, but a JSON body must never hold inf.
+    return math.exp(min(-total_log_prob / count, 700.0))

@@ -1,0 +1,176 @@
+"""onnxruntime sessions of one model version and the choice of execution providers.
+
+One :class:`ModelRuntime` per loaded version holds an ``InferenceSession`` per graph of the
+artifact contract (``predict`` and ``score``, see ``models/README.md``). Sessions are created with
+the providers picked by :func:`choose_device` from ``NEXTWORD_DEVICE``:
+
+* ``cpu``: the CPU provider only.
+* ``cuda``: CUDA first (CPU still listed, for the odd node CUDA lacks). onnxruntime-gpu, a driver
+  and a session that really got the CUDA provider are all required, else start-up fails with
+  :class:`DeviceUnavailableError`: a silent CPU fallback would hide a misconfigured GPU node.
+* ``auto``: CUDA when usable, else CPU, saying so in the log and in ``/v1/models``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from nextword import artifact as A
+from service.engine.errors import DeviceUnavailableError, ModelLoadError
+
+log = logging.getLogger("service.engine.runtime")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+GRAPHS = ("predict", "score")
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """Providers to create sessions with, and why."""
+
+    requested: str
+    providers: tuple[str, ...]
+    note: str | None = None
+
+    @property
+    def wants_cuda(self) -> bool:
+        return CUDA in self.providers
+
+
+def _cuda_driver_present() -> bool:
+    """onnxruntime-gpu lists the CUDA provider even on machines without a GPU; the driver
+    library is the cheap tell (on Linux; elsewhere trust onnxruntime)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def choose_device(device: str) -> DeviceChoice:
+    """Providers for ``NEXTWORD_DEVICE``; raises :class:`DeviceUnavailableError` for an unusable ``cuda``."""
+    available = ort.get_available_providers()
+    cuda_ok = CUDA in available and _cuda_driver_present()
+    if device == "cpu":
+        return DeviceChoice("cpu", (CPU,))
+    if device == "cuda":
+        if CUDA not in available:
+            raise DeviceUnavailableError(
+                "NEXTWORD_DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu instead of onnxruntime"
+            )
+        if not cuda_ok:
+            raise DeviceUnavailableError("NEXTWORD_DEVICE=cuda but no CUDA driver/GPU is present on this machine")
+        return DeviceChoice("cuda", (CUDA, CPU))
+    if device != "auto":
+        raise DeviceUnavailableError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if cuda_ok:
+        return DeviceChoice("auto", (CUDA, CPU))
+    reason = "onnxruntime has no CUDAExecutionProvider" if CUDA not in available else "no CUDA driver/GPU found"
+    return DeviceChoice("auto", (CPU,), note=f"device auto: {reason}, running on CPU")
+
+
+@dataclass
+class GraphIO:
+    inputs: dict[str, list]
+    outputs: dict[str, list]
+
+
+@dataclass
+class ModelRuntime:
+    """The onnxruntime sessions of one model version. ``run`` is thread-safe (onnxruntime's
+    ``InferenceSession.run`` is), though the batcher calls it from a single worker thread."""
+
+    card: A.ModelCard
+    sessions: dict[str, ort.InferenceSession]
+    device: str  # "cpu" or "cuda": what the sessions really got
+    device_note: str | None = None
+    io: dict[str, GraphIO] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, card: A.ModelCard, choice: DeviceChoice, intra_op_threads: int = 0
+    ) -> ModelRuntime:
+        directory = Path(directory)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        # One batch at a time per version: a parallel inter-op pool would only add threads.
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        sessions: dict[str, ort.InferenceSession] = {}
+        for graph in GRAPHS:
+            file = card.graphs.get(graph)
+            if file is None:
+                raise ModelLoadError(f"model.json names no {graph!r} graph")
+            try:
+                sessions[graph] = ort.InferenceSession(str(directory / file), opts, providers=list(choice.providers))
+            except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+                raise ModelLoadError(f"onnxruntime cannot load {file}: {exc}") from exc
+        got = {p for s in sessions.values() for p in s.get_providers()}
+        device = "cuda" if CUDA in got else "cpu"
+        note = choice.note
+        if choice.wants_cuda and device != "cuda":
+            if choice.requested == "cuda":
+                raise DeviceUnavailableError("NEXTWORD_DEVICE=cuda but onnxruntime could not create a CUDA session")
+            note = "device auto: CUDA session creation failed, running on CPU"
+        runtime = cls(card=card, sessions=sessions, device=device, device_note=note)
+        runtime.io = {
+            g: GraphIO(
+                inputs={i.name: list(i.shape) for i in s.get_inputs()},
+                outputs={o.name: list(o.shape) for o in s.get_outputs()},
+            )
+            for g, s in sessions.items()
+        }
+        runtime.check_signature()
+        return runtime
+
+    def check_signature(self) -> None:
+        """The graphs take and give exactly the tensors the card promises (names and fixed dims),
+        so a mismatched card/graph pair fails at load time, not on the first request."""
+        card = self.card
+        states_in = {A.state_input(s) for s in card.state_names}
+        states_out = {A.state_output(s) for s in card.state_names}
+        expected = {
+            "predict": ({A.TOKENS, A.LENGTHS, *states_in}, {A.LOG_PROBS, *states_out}),
+            "score": ({A.TOKENS, A.LENGTHS, A.TARGETS, *states_in}, {A.TARGET_LOG_PROBS, A.TARGET_RANKS, *states_out}),
+        }
+        for graph, (ins, outs) in expected.items():
+            io = self.io[graph]
+            if set(io.inputs) != ins or not outs <= set(io.outputs):
+                raise ModelLoadError(
+                    f"{graph} graph has inputs {sorted(io.inputs)} and outputs {sorted(io.outputs)}; "
+                    f"the card implies inputs {sorted(ins)} and outputs {sorted(outs)}"
+                )
+            for name in states_in:
+                shape = io.inputs[name]
+                if shape[0] != card.num_layers or shape[2] != card.hidden_size:
+                    raise ModelLoadError(
+                        f"{graph} graph {name} is {shape}, card says [{card.num_layers}, batch, {card.hidden_size}]"
+                    )
+        vocab_dim = self.io["predict"].outputs[A.LOG_PROBS][1]
+        if isinstance(vocab_dim, int) and vocab_dim != card.vocab_size:
+            raise ModelLoadError(
+                f"predict graph has {vocab_dim} outputs per row, card says vocab_size={card.vocab_size}"
+            )
+
+    def zero_state(self, batch: int) -> dict[str, np.ndarray]:
+        shape = (self.card.num_layers, batch, self.card.hidden_size)
+        return {name: np.zeros(shape, np.float32) for name in self.card.state_names}
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> tuple[list[np.ndarray], float]:
+        """Run one graph; returns the requested outputs and the wall time of ``run``."""
+        start = time.perf_counter()
+        result = self.sessions[graph].run(outputs, feeds)
+        return result, time.perf_counter() - start

@@ -1,0 +1,93 @@
+"""Vectorised word selection over a model's vocabulary: top-k with prefix completion.
+
+Built once per model version. The vocabulary sorted as strings makes "every word starting with
+``prefix``" a contiguous range found by two bisections, so a request never loops over the
+vocabulary in Python; the rest (masking specials, renormalising, top-k) is numpy.
+"""
+
+from __future__ import annotations
+
+import bisect
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from nextword.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The chosen word ids, best first, with their log-probabilities.
+
+    ``log_probs`` are renormalised over the words matching the prefix when there is one (they
+    then sum to 1 over all matches), else the model's own log-probabilities. ``mass`` is the
+    model probability of all eligible words (matching the prefix, never ``<unk>``/``<eos>``)."""
+
+    ids: np.ndarray
+    log_probs: np.ndarray
+    mass: float
+    matches: int
+
+
+class VocabIndex:
+    def __init__(self, vocab: Vocab) -> None:
+        self.vocab = vocab
+        self.size = len(vocab)
+        order = sorted(range(self.size), key=vocab.itos.__getitem__)
+        self.sorted_words: list[str] = [vocab.itos[i] for i in order]
+        self.sorted_ids = np.asarray(order, dtype=np.int64)
+        self.banned = np.asarray([vocab.unk_id, vocab.eos_id], dtype=np.int64)
+        self.allowed = np.ones(self.size, dtype=bool)
+        self.allowed[self.banned] = False
+        self.words = np.asarray(vocab.itos, dtype=object)
+
+    def prefix_range(self, prefix: str) -> tuple[int, int]:
+        """``[lo, hi)`` in sorted order of the words starting with ``prefix``.
+
+        Every such word lies between ``prefix`` and ``prefix`` with its last character bumped by
+        one code point, and every word in that interval starts with ``prefix``."""
+        if not prefix:
+            return 0, self.size
+        lo = bisect.bisect_left(self.sorted_words, prefix)
+        last = ord(prefix[-1])
+        if last >= sys.maxunicode:
+            hi = self.size
+        else:
+            hi = bisect.bisect_left(self.sorted_words, prefix[:-1] + chr(last + 1), lo)
+        return lo, hi
+
+    def candidates(self, prefix: str) -> np.ndarray:
+        """Ids of the words starting with ``prefix`` (never ``<unk>``/``<eos>``)."""
+        lo, hi = self.prefix_range(prefix)
+        ids = self.sorted_ids[lo:hi]
+        return ids[self.allowed[ids]]
+
+    def top_k(self, log_probs: np.ndarray, k: int, prefix: str = "") -> TopK:
+        """The ``k`` most likely eligible words given one row of next-word log-probabilities."""
+        if prefix:
+            ids = self.candidates(prefix)
+            scores = log_probs[ids].astype(np.float64)
+        else:
+            ids = None
+            scores = log_probs.astype(np.float64)  # a copy: the batch row is read-only
+            scores[self.banned] = -np.inf
+        matches = int(ids.size) if ids is not None else self.size - self.banned.size
+        if matches == 0 or k <= 0:
+            return TopK(np.empty(0, np.int64), np.empty(0, np.float64), 0.0, matches)
+        top = max(scores.max(), -1e300)
+        log_mass = float(top + np.log(np.exp(scores - top).sum()))
+        k = min(k, matches)
+        part = np.argpartition(-scores, k - 1)[:k] if k < scores.size else np.arange(scores.size)
+        # Best first; ties by id so the order never depends on argpartition's internals.
+        chosen_ids = ids[part] if ids is not None else part
+        order = np.lexsort((chosen_ids, -scores[part]))
+        part = part[order]
+        chosen = scores[part]
+        if prefix:
+            chosen = chosen - log_mass
+        result_ids = (ids[part] if ids is not None else part).astype(np.int64)
+        return TopK(result_ids, chosen, float(np.exp(log_mass)), matches)
+
+    def decode(self, ids: np.ndarray) -> list[str]:
+        return self.words[ids].tolist()

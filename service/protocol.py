@@ -1,0 +1,164 @@
+"""Every request and response body of the HTTP API (they are also the OpenAPI schema at ``/docs``).
+
+Limits that depend on configuration (text length, batch size) are checked by the handlers, not
+here, so a deployment can change them without a code change; fixed bounds (``k``) live here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_K = 100
+
+
+
+def _model_field() -> Any:
+    return Field(None, description="Model name; default: NEXTWORD_DEFAULT_MODEL or the first model alphabetically.")
+
+
+def _version_field() -> Any:
+    return Field(None, ge=1, description="Model version; default: the newest loaded version of the model.")
+
+
+class _Strict(BaseModel):
+    # Unknown fields are an error: a typo like "tetx" should not silently predict from "".
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="Machine-readable kind, e.g. validation_error, model_not_found, queue_full.")
+    message: str
+    field: str | None = Field(None, description="Dotted path of the offending request field, when there is one.")
+    details: list[dict[str, Any]] | None = Field(None, description="Every validation problem, when there are several.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- prediction -----------------------------------------------------------------------------------
+
+
+class PredictRequest(_Strict):
+    text: str = Field(
+        description="Text typed so far. Ending inside a word makes that fragment a prefix to complete; "
+        "ending in whitespace (or empty) predicts the next whole word.",
+        examples=["The quick brown fox jumps over the la"],
+    )
+    k: int = Field(5, ge=1, le=MAX_K, description="How many words to return.")
+    model: str | None = _model_field()
+    version: int | None = _version_field()
+
+
+class WordProbability(BaseModel):
+    word: str
+    probability: float = Field(description="Probability (renormalised over prefix matches when a prefix is used).")
+    log_prob: float = Field(description="Natural log of probability.")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: int
+    predictions: list[WordProbability] = Field(description="Most likely first; <unk>/<eos> never appear.")
+    prefix: str = Field(description="The word fragment completed (lowercased), or '' for a whole next word.")
+    prefix_probability: float = Field(
+        description="Model probability that the next word is any offered-able word matching the prefix "
+        "(without a prefix: of any word but <unk>/<eos>)."
+    )
+    matches: int = Field(description="Vocabulary words eligible under the prefix.")
+    context_words: int = Field(description="Words of context the model read (after the context budget).")
+    truncated: bool = Field(description="True when the text had more words than NEXTWORD_CONTEXT_WORDS and only "
+                            "the last ones were read.")
+
+
+class BatchPredictRequest(_Strict):
+    items: list[PredictRequest] = Field(min_length=1, description="At most NEXTWORD_MAX_BATCH_ITEMS items.")
+
+
+class BatchPredictResponse(BaseModel):
+    results: list[PredictResponse]
+
+
+# --- scoring --------------------------------------------------------------------------------------
+
+
+class ScoreRequest(_Strict):
+    text: str = Field(description="Text to score; every word counts as complete.", examples=["The cat sat on the mat."])
+    model: str | None = _model_field()
+    version: int | None = _version_field()
+
+
+class WordScore(BaseModel):
+    word: str
+    log_prob: float = Field(description="log P(word | everything before it), natural log.")
+    rank: int = Field(description="Words the model scored strictly above this one (0 = top-1).")
+    oov: bool = Field(description="Out of vocabulary: scored as <unk>.")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    version: int
+    words: list[WordScore]
+    num_words: int
+    total_log_prob: float
+    perplexity: float = Field(description="exp(-total_log_prob / num_words).")
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+class ModelVersionInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    version: int
+    status: Literal["serving", "loaded", "failed"]
+    error: str | None = Field(None, description="Why loading failed (or why a rewrite of this version failed).")
+    device: str | None = None
+    device_note: str | None = Field(None, description="E.g. device auto falling back to CPU.")
+    cell: str | None = None
+    vocab_size: int | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    embedding_size: int | None = None
+    weights_dtype: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict, description="Evaluation figures from the model card.")
+    created: str | None = None
+    loaded_at: float | None = Field(None, description="Unix time the version went live.")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    serving_version: int | None = Field(description="The version answering requests that name none.")
+    versions: list[ModelVersionInfo] = Field(description="Newest first.")
+
+
+class ModelsResponse(BaseModel):
+    default_model: str | None
+    device: str = Field(description="Configured device (auto/cpu/cuda).")
+    providers: list[str] = Field(description="onnxruntime execution providers in use.")
+    device_note: str | None = None
+    models: list[ModelInfo]
+
+
+class ReloadResponse(BaseModel):
+    loaded: list[str] = Field(description="'<name>/<version>' newly loaded.")
+    failed: list[dict[str, Any]] = Field(description="{model, version, error} for each version that failed.")
+    unloaded: list[str]
+    models: list[ModelInfo]
+
+
+# --- health ---------------------------------------------------------------------------------------
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    models: dict[str, int] = Field(description="Serving version per loaded model.")

@@ -1,0 +1,1 @@
+"""HTTP routers: prediction/scoring, model management, health and metrics."""

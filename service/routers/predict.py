@@ -1,0 +1,72 @@
+"""``POST /v1/predict``, ``/v1/predict/batch`` and ``/v1/score``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.deps import PredictorDep, SettingsDep
+from service.engine import Prediction, PredictQuery
+from service.engine.errors import InvalidInputError
+from service.errors import CheckedRoute
+from service.protocol import (
+    BatchPredictRequest,
+    BatchPredictResponse,
+    ErrorResponse,
+    PredictRequest,
+    PredictResponse,
+    ScoreRequest,
+    ScoreResponse,
+    WordProbability,
+    WordScore,
+)
+
+router = APIRouter(prefix="/v1", tags=["prediction"], route_class=CheckedRoute)
+
+_ERRORS = {
+    400: {"model": ErrorResponse, "description": "Malformed JSON or non-UTF-8 body"},
+    404: {"model": ErrorResponse, "description": "Unknown model or version"},
+    413: {"model": ErrorResponse, "description": "Text or body over the limit"},
+    422: {"model": ErrorResponse, "description": "Invalid field"},
+    503: {"model": ErrorResponse, "description": "Queue full or no model loaded (see Retry-After)"},
+    504: {"model": ErrorResponse, "description": "Deadline exceeded while queued"},
+}
+
+
+def to_response(p: Prediction) -> PredictResponse:
+    return PredictResponse(
+        model=p.model, version=p.version, prefix=p.prefix, prefix_probability=p.prefix_probability,
+        matches=p.matches, context_words=p.context_words, truncated=p.truncated,
+        predictions=[
+            WordProbability(word=c.word, probability=c.probability, log_prob=c.log_prob) for c in p.candidates
+        ],
+    )
+
+
+@router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
+async def predict(body: PredictRequest, predictor: PredictorDep) -> PredictResponse:
+    """The k most likely next words (or completions of the word being typed)."""
+    return to_response(await predictor.predict(body.text, body.k, body.model, body.version))
+
+
+@router.post("/predict/batch", response_model=BatchPredictResponse, responses=_ERRORS)
+async def predict_batch(
+    body: BatchPredictRequest, predictor: PredictorDep, settings: SettingsDep
+) -> BatchPredictResponse:
+    """Many predictions in one call; items for the same model version share onnxruntime batches."""
+    if len(body.items) > settings.max_batch_items:
+        raise InvalidInputError(
+            f"{len(body.items)} items; the limit is {settings.max_batch_items} (NEXTWORD_MAX_BATCH_ITEMS)", "items"
+        )
+    queries = [PredictQuery(i.text, i.k, i.model, i.version) for i in body.items]
+    return BatchPredictResponse(results=[to_response(p) for p in await predictor.predict_many(queries)])
+
+
+@router.post("/score", response_model=ScoreResponse, responses=_ERRORS)
+async def score(body: ScoreRequest, predictor: PredictorDep) -> ScoreResponse:
+    """Per-word log-probabilities and perplexity of a text."""
+    result = await predictor.score(body.text, body.model, body.version)
+    return ScoreResponse(
+        model=result.model, version=result.version, num_words=len(result.words),
+        total_log_prob=result.total_log_prob, perplexity=result.perplexity,
+        words=[WordScore(word=w.word, log_prob=w.log_prob, rank=w.rank, oov=w.oov) for w in result.words],
+    )

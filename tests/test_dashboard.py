@@ -1,0 +1,329 @@
+"""The Grafana dashboard against the real thing: every query it makes returns data.
+
+Starts, natively and on loopback: redis-server, two uvicorn replicas of ``service.main:app``
+sharing it as their session store, and Prometheus scraping both every second (as in
+docker-compose.yml). Drives traffic through every feature (predictions, scoring, errors,
+sessions with an eviction, an expiry and a store failure, generation), then evaluates every
+``targets[].expr`` of ``deploy/grafana/dashboards/nextword.json`` through Prometheus' HTTP API:
+each must return a non-empty result, and each metric it names must be one the replicas export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_packaging import DASHBOARD, PROMQL_BUILTIN_METRICS, dashboard_exprs, metric_names  # noqa: E402
+
+httpx = pytest.importorskip("httpx")
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parents[1]
+REPLICAS = 2
+RATE_WINDOW = "15s"
+# Grafana's built-in variables, as Grafana would expand them for a short time range at 1 s scrapes.
+GRAFANA_VARIABLES = {
+    "__rate_interval": RATE_WINDOW,
+    "__interval": "5s",
+    "__interval_ms": "5000",
+    "__range": "5m",
+    "__range_s": "300",
+    "__range_ms": "300000",
+}
+STARTUP_TIMEOUT = 180.0  # replicas on a loaded 2-core machine load a model and self-check
+QUERY_DEADLINE = 45.0  # after the traffic: rate() needs two scrapes of every new series
+SESSION_TTL_SECONDS = 3
+MAX_SESSIONS = 4
+TINY_WORDS = ("the a of and to in is was he it that for on with as his they at by this had not are but from "
+              "or have an she which one you were her all we there been has when who will more no if out so")
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Process:
+    """A child process whose output goes to a log file, ended by :meth:`stop` in any case."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, **kwargs) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, **kwargs)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=timeout)
+        self._log.close()
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, processes: list[Process],
+             interval: float = 0.25) -> None:
+    """Poll ``check`` until true; fail early (with its log) when a process it waits on died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for proc in processes:
+            if not proc.alive():
+                pytest.fail(f"{proc.name} exited with {proc.proc.returncode} while waiting for {what}:\n"
+                            f"{proc.log_tail()}")
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {p.name}\n{p.log_tail(1500)}" for p in processes)
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
+        time.sleep(interval)
+
+
+def redis_ping(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(64).startswith(b"+PONG")
+
+
+# ---------------------------------------------------------------- the model repository
+
+
+def _tiny_repository(directory: Path) -> Path:
+    """A small real model version, exported the way training exports every model."""
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("training.export") is None:
+        pytest.skip("training.export is not available to build a model repository")
+    import torch
+
+    from nextword.text import SPECIAL_TOKENS
+    from nextword.vocab import Vocab
+    from training.export import export_model
+    from training.model import LanguageModel, ModelConfig
+
+    vocab = Vocab([*SPECIAL_TOKENS, *dict.fromkeys(TINY_WORDS.split())])
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=len(vocab), cell="lstm", embedding_size=16, hidden_size=16,
+                                      num_layers=1, tied=True))
+    export_model(model, vocab, directory, "tiny", 1)
+    return directory
+
+
+def model_repository_for(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """The service tests' shared ``model_repository`` fixture when there is one, else our own."""
+    try:
+        return Path(request.getfixturevalue("model_repository"))
+    except pytest.FixtureLookupError:
+        return _tiny_repository(tmp_path / "models")
+
+
+# ---------------------------------------------------------------- the stack
+
+
+class Stack:
+    def __init__(self, tmp_path: Path, repository: Path) -> None:
+        self.tmp = tmp_path
+        self.repository = repository
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.processes: list[Process] = []
+        self.redis: Process | None = None
+        self.redis_port = free_port()
+        self.replica_ports = [free_port() for _ in range(REPLICAS)]
+        self.prometheus_port = free_port()
+
+    @property
+    def replica_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.replica_ports]
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.prometheus_port}"
+
+    def start(self) -> None:
+        self.redis = self._spawn("redis", [
+            shutil.which("redis-server"), "--port", str(self.redis_port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--protected-mode", "yes", "--dir", str(self.tmp),
+        ])
+        wait_for("redis", lambda: redis_ping(self.redis_port), 30, [self.redis])
+
+        replicas = []
+        for index, port in enumerate(self.replica_ports, start=1):
+            env = {
+                **os.environ,
+                "NEXTWORD_MODEL_REPOSITORY": str(self.repository),
+                "NEXTWORD_SESSION_STORE": f"redis://127.0.0.1:{self.redis_port}/0",
+                "NEXTWORD_SESSION_TTL_SECONDS": str(SESSION_TTL_SECONDS),
+                "NEXTWORD_MAX_SESSIONS": str(MAX_SESSIONS),
+                "NEXTWORD_DEVICE": "cpu",
+                "NEXTWORD_INTRA_OP_THREADS": "1",
+                "NEXTWORD_HOST": "127.0.0.1",
+                "NEXTWORD_PORT": str(port),
+                "NEXTWORD_LOG_LEVEL": "warning",
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            }
+            replicas.append(self._spawn(f"nextword-{index}", [
+                sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", "warning", "--no-access-log",
+            ], env=env, cwd=ROOT))
+
+        config = self.tmp / "prometheus.yml"
+        targets = ", ".join(f'"127.0.0.1:{port}"' for port in self.replica_ports)
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n"
+            "  - job_name: nextword\n    scrape_interval: 1s\n    scrape_timeout: 1s\n"
+            f"    static_configs:\n      - targets: [{targets}]\n",
+            encoding="utf-8",
+        )
+        prometheus = self._spawn("prometheus", [
+            shutil.which("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={self.tmp / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{self.prometheus_port}", "--log.level=warn",
+        ], cwd=self.tmp)
+
+        for proc, url in zip(replicas, self.replica_urls, strict=True):
+            wait_for(f"{proc.name} /readyz", lambda url=url: httpx.get(f"{url}/readyz", timeout=5).status_code == 200,
+                     STARTUP_TIMEOUT, [proc])
+        wait_for("prometheus /-/ready", lambda: httpx.get(f"{self.prometheus_url}/-/ready", timeout=5).is_success,
+                 60, [prometheus])
+
+    def _spawn(self, name: str, argv: list[str], **kwargs) -> Process:
+        proc = Process(name, argv, self.logs, **kwargs)
+        self.processes.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+
+    def logs_text(self) -> str:
+        return "\n".join(f"--- {p.name} (exit {p.proc.returncode})\n{p.log_tail(2000)}" for p in self.processes)
+
+    def query(self, expr: str) -> list[dict]:
+        response = httpx.get(f"{self.prometheus_url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = response.json()
+        if response.status_code != 200 or body.get("status") != "success":
+            raise AssertionError(f"Prometheus rejected {expr!r}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]["result"]
+
+
+@pytest.fixture
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    missing = [binary for binary in ("redis-server", "prometheus") if shutil.which(binary) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (apt-get install redis-server prometheus)")
+    if importlib.util.find_spec("service") is None or importlib.util.find_spec("service.main") is None:
+        pytest.skip("service.main does not exist yet")
+    repository = model_repository_for(request, tmp_path)
+    stack = Stack(tmp_path, repository)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+# ---------------------------------------------------------------- traffic
+
+
+def drive_traffic(stack: Stack) -> None:
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------- the test
+
+
+def expand_grafana_variables(expr: str) -> str:
+    def replace(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in GRAFANA_VARIABLES:
+            raise AssertionError(f"unknown Grafana variable ${name} in {expr!r}")
+        return GRAFANA_VARIABLES[name]
+
+    expanded = re.sub(r"\$\{(__\w+)\}|\$(__\w+)", replace, expr)
+    assert not re.search(r"\$(?!\d)", expanded), f"a dashboard variable is left in {expanded!r}"
+    return expanded
+
+
+def exported_names(metrics_text: str) -> set[str]:
+    """Series names in an exposition, plus the _bucket/_sum/_count of declared histograms."""
+    names = set()
+    for line in metrics_text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(maxsplit=3)
+            names.add(name)
+            if kind.strip() == "histogram":
+                names.update(f"{name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{\s]", line, maxsplit=1)[0])
+    return names
+
+
+def test_every_dashboard_query_returns_data(stack: Stack) -> None:
+    exprs = dashboard_exprs(DASHBOARD)
+    assert exprs, "the dashboard has no queries"
+
+    drive_traffic(stack)
+
+    # Every metric a panel names is one the service exports.
+    exported: set[str] = set()
+    for url in stack.replica_urls:
+        response = httpx.get(f"{url}/metrics", timeout=10)
+        assert response.status_code == 200
+        exported |= exported_names(response.text)
+    unknown = {(title, name) for title, expr in exprs for name in metric_names(expr)
+               if name not in exported and name not in PROMQL_BUILTIN_METRICS}
+    assert not unknown, f"dashboard panels name metrics the replicas do not export: {sorted(unknown)}"
+
+    # Both replicas are scraped.
+    wait_for("Prometheus to scrape both replicas",
+             lambda: len([s for s in stack.query('up{job="nextword"} == 1')]) == REPLICAS,
+             QUERY_DEADLINE, [p for p in stack.processes if p is not stack.redis])
+
+    # Every query returns data. New series need two scrapes before rate() sees them: retry.
+    expanded = [(title, expr, expand_grafana_variables(expr)) for title, expr in exprs]
+    deadline = time.monotonic() + QUERY_DEADLINE
+    while True:
+        empty = [(title, expr) for title, expr, query in expanded if not stack.query(query)]
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert not empty, (
+        "dashboard queries returned no data after traffic:\n"
+        + "\n".join(f"  [{title}] {expr}" for title, expr in empty)
+        + "\n" + stack.logs_text()
+    )
