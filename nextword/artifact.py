@@ -20,6 +20,7 @@ VOCAB_FILE = "vocab.txt"
 PREDICT_GRAPH = "predict.onnx"
 SCORE_GRAPH = "score.onnx"
 PREDICT_INT8_GRAPH = "predict.int8.onnx"
+WEIGHTS_FILE = "weights.bin"  # external initializers shared by the graphs
 TOKENIZER = "nextword-words/1"
 
 # Graph tensor names. State tensors are "state_<name>" in and "next_state_<name>" out, each
@@ -60,6 +61,7 @@ class ModelCard:
     state_names: list[str]
     graphs: dict[str, str]
     files: dict[str, str] = field(default_factory=dict)
+    data_files: list[str] = field(default_factory=list)  # external weights the graphs read
     tied: bool = False
     zoneout: float = 0.0
     weights_dtype: str = "float32"
@@ -102,7 +104,7 @@ def sha256_file(path: Path) -> str:
 def write_card(directory: str | Path, card: ModelCard) -> Path:
     """Checksum every file the card refers to and write ``model.json`` next to them."""
     directory = Path(directory)
-    names = [*card.graphs.values(), card.vocab_file]
+    names = [*card.graphs.values(), *card.data_files, card.vocab_file]
     card.files = {n: sha256_file(directory / n) for n in sorted(set(names))}
     path = directory / CARD_FILE
     path.write_text(card.to_json(), encoding="utf-8")
@@ -123,7 +125,7 @@ def read_card(directory: str | Path) -> ModelCard:
 def verify_files(directory: str | Path, card: ModelCard) -> None:
     """Raise :class:`ArtifactError` unless every listed file exists with its recorded sha256."""
     directory = Path(directory)
-    needed = {*card.graphs.values(), card.vocab_file}
+    needed = {*card.graphs.values(), *card.data_files, card.vocab_file}
     missing = needed - set(card.files)
     if missing:
         raise ArtifactError(f"model.json has no checksum for {sorted(missing)}")

@@ -78,6 +78,8 @@ async def validation_handler(request: Request, exc: RequestValidationError) -> J
     field = first["field"]
     if field is None and errors and errors[0].get("type") == "missing":
         message = "a JSON request body is required"
+    elif field is None and errors and errors[0].get("type") in ("model_attributes_type", "dict_type"):
+        message = "the request body must be a JSON object (sent with Content-Type: application/json)"
     else:
         message = f"{field}: {first['message']}" if field else str(first["message"])
     return error_response(422, "validation_error", message, field, details=details if len(details) > 1 else None)

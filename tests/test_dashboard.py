@@ -260,8 +260,190 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
 # ---------------------------------------------------------------- traffic
 
 
+SAMPLE_TEXT = "the quick brown fox jumps over the lazy dog and the cat sat on the"
+
+
+class OpenAPI:
+    """The replicas' own OpenAPI document: routes and request bodies of features (sessions,
+    generation) are found there rather than hard-coded, so the test follows the API."""
+
+    def __init__(self, document: dict) -> None:
+        self.document = document
+        self.paths: dict[str, dict] = document.get("paths", {})
+
+    def find(self, method: str, pattern: str) -> list[str]:
+        return sorted(p for p, ops in self.paths.items() if method.lower() in ops and re.search(pattern, p))
+
+    def _resolve(self, schema: dict) -> dict:
+        while "$ref" in schema:
+            node: dict = self.document
+            for part in schema["$ref"].lstrip("#/").split("/"):
+                node = node[part]
+            schema = node
+        return schema
+
+    def body_schema(self, method: str, path: str) -> dict | None:
+        operation = self.paths[path][method.lower()]
+        content = operation.get("requestBody", {}).get("content", {})
+        schema = content.get("application/json", {}).get("schema")
+        return self._resolve(schema) if schema else None
+
+    def example(self, schema: dict | None, name: str = "", depth: int = 0) -> object:
+        """A small valid value: required properties only, text where text goes, small numbers."""
+        if schema is None:
+            return None
+        schema = self._resolve(schema)
+        if "const" in schema:
+            return schema["const"]
+        if schema.get("enum"):
+            return schema["enum"][0]
+        for key in ("anyOf", "oneOf", "allOf"):
+            if schema.get(key):
+                options = [self._resolve(o) for o in schema[key] if self._resolve(o).get("type") != "null"]
+                return self.example(options[0] if options else None, name, depth)
+        kind = schema.get("type")
+        if kind == "object" or "properties" in schema:
+            props = schema.get("properties", {})
+            return {key: self.example(props[key], key, depth + 1) for key in schema.get("required", []) if key in props}
+        if kind == "array":
+            return [self.example(schema.get("items", {}), name, depth + 1)]
+        if kind == "string":
+            return SAMPLE_TEXT if depth <= 1 else "the"
+        if kind in ("integer", "number"):
+            value = 3 if kind == "integer" else 0.5
+            if "minimum" in schema:
+                value = max(value, schema["minimum"])
+            if "exclusiveMinimum" in schema:
+                value = max(value, schema["exclusiveMinimum"] + 1)
+            if "maximum" in schema:
+                value = min(value, schema["maximum"])
+            return value
+        if kind == "boolean":
+            return False
+        return None
+
+    def request_body(self, method: str, path: str, **overrides: object) -> dict:
+        schema = self.body_schema(method, path)
+        body = self.example(schema) if schema else {}
+        body = body if isinstance(body, dict) else {}
+        props = (schema or {}).get("properties", {})
+        body.update({k: v for k, v in overrides.items() if k in props})
+        return body
+
+
+def _session_id(payload: object) -> str | None:
+    if isinstance(payload, dict):
+        for key in ("session_id", "id", "session"):
+            value = payload.get(key)
+            if isinstance(value, str):
+                return value
+            found = _session_id(value)
+            if found:
+                return found
+    return None
+
+
 def drive_traffic(stack: Stack) -> None:
-    raise NotImplementedError
+    """Exercise every feature the dashboard shows, on both replicas."""
+    api = OpenAPI(httpx.get(f"{stack.replica_urls[0]}/openapi.json", timeout=10).json())
+    failures: list[str] = []
+
+    def call(client: httpx.Client, method: str, path: str, expect: Callable[[int], bool], **kwargs) -> httpx.Response:
+        response = client.request(method, path, **kwargs)
+        if not expect(response.status_code):
+            failures.append(f"{method} {client.base_url}{path} -> {response.status_code}: {response.text[:300]}")
+        return response
+
+    def ok(code: int) -> bool:
+        return 200 <= code < 300
+
+    def client_error(code: int) -> bool:
+        return 400 <= code < 500
+
+    for url in stack.replica_urls:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            # Stateless predictions, batches and scoring; concurrent-enough to batch a little.
+            for i in range(6):
+                call(client, "POST", "/v1/predict", ok, json={"text": SAMPLE_TEXT[: 10 + 7 * i], "k": 5})
+            call(client, "POST", "/v1/predict/batch", ok,
+                 json={"items": [{"text": SAMPLE_TEXT[: 5 + 3 * i]} for i in range(12)]})
+            call(client, "POST", "/v1/score", ok, json={"text": SAMPLE_TEXT})
+            call(client, "GET", "/v1/models", ok)
+            # Client errors: 422 (invalid field), 404 (unknown model, unknown route).
+            call(client, "POST", "/v1/predict", client_error, json={"text": "the", "k": 0})
+            call(client, "POST", "/v1/predict", client_error, json={"tetx": "the"})
+            call(client, "POST", "/v1/predict", client_error, json={"text": "the", "model": "no-such-model"})
+            call(client, "GET", "/v1/no-such-route", client_error)
+
+            # Generation, whatever its route is called.
+            for path in api.find("post", r"generat|complet"):
+                if "{" in path:
+                    continue
+                call(client, "POST", path, ok, json=api.request_body("post", path, prompt=SAMPLE_TEXT,
+                                                                     text=SAMPLE_TEXT, stream=False))
+
+    drive_sessions(stack, api, call, ok, client_error)
+    assert not failures, "unexpected responses while driving traffic:\n" + "\n".join(failures)
+
+
+def drive_sessions(stack: Stack, api: OpenAPI, call: Callable[..., httpx.Response], ok: Callable[[int], bool],
+                   client_error: Callable[[int], bool]) -> None:
+    """Sessions through both replicas (they share Redis): create, update, read across replicas,
+    delete; more than NEXTWORD_MAX_SESSIONS of them (evictions), some left past their TTL
+    (expiries); finally Redis goes away (store errors)."""
+    create = api.find("post", r"^/v1/sessions/?$")
+    if not create:
+        pytest.fail("the service has no POST /v1/sessions: the session panels cannot be checked")
+    create_path = create[0]
+    item_paths = api.find("get", r"^/v1/sessions/\{[^}]+\}/?$")
+    delete_paths = api.find("delete", r"^/v1/sessions/\{[^}]+\}/?$")
+    update_paths = [(m, p) for m in ("post", "put", "patch") for p in api.find(m, r"^/v1/sessions/\{[^}]+\}/.+")]
+
+    def item(path: str, sid: str) -> str:
+        return re.sub(r"\{[^}]+\}", sid, path, count=1)
+
+    clients = [httpx.Client(base_url=url, timeout=30) for url in stack.replica_urls]
+    try:
+        sessions: list[str] = []
+        for i in range(MAX_SESSIONS + 4):
+            client = clients[i % len(clients)]
+            response = call(client, "POST", create_path, ok, json=api.request_body("post", create_path))
+            sid = _session_id(response.json()) if ok(response.status_code) else None
+            if sid:
+                sessions.append(sid)
+        assert sessions, "no session could be created"
+        # Updates, alternating replicas: a session lives in Redis, not in one replica.
+        for n, sid in enumerate(sessions[-3:]):
+            for method, path in update_paths:
+                client = clients[n % len(clients)]
+                call(client, method.upper(), item(path, sid), lambda c: c < 500,
+                     json=api.request_body(method, path, text=" the cat", append=" the cat"))
+            for path in item_paths:
+                call(clients[(n + 1) % len(clients)], "GET", item(path, sid), lambda c: c < 500)
+        for path in delete_paths:
+            call(clients[0], "DELETE", item(path, sessions[-1]), ok)
+            call(clients[1], "DELETE", item(path, sessions[-1]), client_error)  # already gone
+        for path in item_paths:
+            call(clients[1], "GET", item(path, "no-such-session"), client_error)
+
+        # Past the TTL: reading the remaining sessions finds them expired.
+        time.sleep(SESSION_TTL_SECONDS + 1.5)
+        for n, sid in enumerate(sessions[:-1]):
+            for path in item_paths:
+                call(clients[n % len(clients)], "GET", item(path, sid), lambda c: c < 500)
+            for method, path in update_paths[:1]:
+                call(clients[n % len(clients)], method.upper(), item(path, sid), lambda c: c < 500,
+                     json=api.request_body(method, path, text=" the", append=" the"))
+
+        # The store goes away: session calls fail cleanly (5xx), predictions still work.
+        assert stack.redis is not None
+        stack.redis.stop()
+        for client in clients:
+            call(client, "POST", create_path, lambda c: c >= 500, json=api.request_body("post", create_path))
+            call(client, "POST", "/v1/predict", ok, json={"text": "the"})
+    finally:
+        for client in clients:
+            client.close()
 
 
 # ---------------------------------------------------------------- the test

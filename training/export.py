@@ -4,6 +4,7 @@ onnxruntime against torch before the version is written (see ``models/README.md`
 from __future__ import annotations
 
 import copy
+import hashlib
 import datetime as dt
 import shutil
 import tempfile
@@ -78,10 +79,38 @@ def parity_report(model: LanguageModel, predict_path: Path, seed: int = 0) -> di
     return {"onnxruntime_vs_torch": vs_torch, "stepwise_vs_full": stepwise, "padding": padding}
 
 
-def _quantize(src: Path, dst: Path) -> None:
+def _quantize(model: LanguageModel, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    # Quantize from float32 initializers (the float16 storage path hides weights behind Casts).
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "predict.fp32.onnx"
+        onnx.save(build_graph(model, "predict", "float32"), src)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+
+
+def _share_weights(protos: list[onnx.ModelProto], directory: Path, min_bytes: int = 1024) -> str:
+    """Move large initializers of all graphs into one external file, each distinct tensor stored
+    once: the predict and score graphs hold the same weights, and the repository stays small."""
+    offsets: dict[bytes, tuple[int, int]] = {}
+    with (directory / A.WEIGHTS_FILE).open("wb") as fh:
+        for proto in protos:
+            for tensor in proto.graph.initializer:
+                raw = tensor.raw_data
+                if len(raw) < min_bytes:
+                    continue
+                key = hashlib.sha256(raw).digest()
+                if key not in offsets:
+                    offsets[key] = (fh.tell(), len(raw))
+                    fh.write(raw)
+                    fh.write(b"\0" * (-len(raw) % 64))  # keep tensors aligned
+                offset, length = offsets[key]
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for k, v in (("location", A.WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = k, v
+    return A.WEIGHTS_FILE
 
 
 def next_version(repository: Path, name: str) -> int:
@@ -125,8 +154,10 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{version}-", dir=repository if repository.exists() else None))
     try:
         graphs = {"predict": A.PREDICT_GRAPH, "score": A.SCORE_GRAPH}
+        protos = {kind: build_graph(model, kind, weights_dtype) for kind in graphs}
+        _share_weights(list(protos.values()), tmp)
         for kind, file in graphs.items():
-            onnx.save(build_graph(model, kind, weights_dtype), tmp / file)
+            onnx.save(protos[kind], tmp / file)
         parity = parity_report(model, tmp / A.PREDICT_GRAPH)
         if max(parity.values()) > PARITY_TOLERANCE:
             raise ExportError(f"onnxruntime parity check failed: {parity}")
@@ -135,7 +166,7 @@ def export_model(
             "opset": OPSET, "parity_max_abs": parity, "tolerance": PARITY_TOLERANCE,
         }
         if quantize == "int8":
-            _quantize(tmp / A.PREDICT_GRAPH, tmp / A.PREDICT_INT8_GRAPH)
+            _quantize(model, tmp / A.PREDICT_INT8_GRAPH)
             graphs["predict_int8"] = A.PREDICT_INT8_GRAPH
             export_info["int8_vs_fp32_max_abs"] = _int8_delta(model, tmp)
         vocab.save(tmp / A.VOCAB_FILE)
@@ -143,7 +174,7 @@ def export_model(
         card = A.ModelCard(
             name=name, version=version, cell=cfg.cell, num_layers=cfg.num_layers,
             embedding_size=cfg.embedding_size, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
-            state_names=cfg.state_names, graphs=graphs, tied=cfg.tied, zoneout=cfg.zoneout,
+            state_names=cfg.state_names, graphs=graphs, data_files=[A.WEIGHTS_FILE], tied=cfg.tied, zoneout=cfg.zoneout,
             weights_dtype=weights_dtype, training=training or {}, metrics=metrics or {}, export=export_info,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )

@@ -78,8 +78,17 @@ class VocabIndex:
         top = max(scores.max(), -1e300)
         log_mass = float(top + np.log(np.exp(scores - top).sum()))
         k = min(k, matches)
-        part = np.argpartition(-scores, k - 1)[:k] if k < scores.size else np.arange(scores.size)
-        # Best first; ties by id so the order never depends on argpartition's internals.
+        if k < scores.size:
+            # The k-th best score, then everything above it plus the lowest ids among ties with
+            # it: the result never depends on argpartition's internal order.
+            kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
+            above = np.flatnonzero(scores > kth)
+            tied = np.flatnonzero(scores == kth)
+            tied_ids = ids[tied] if ids is not None else tied
+            part = np.concatenate([above, tied[np.argsort(tied_ids, kind="stable")][: k - above.size]])
+        else:
+            part = np.arange(scores.size)
+        # Best first; ties by id.
         chosen_ids = ids[part] if ids is not None else part
         order = np.lexsort((chosen_ids, -scores[part]))
         part = part[order]
