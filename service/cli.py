@@ -16,7 +16,7 @@ from service.engine.runtime import choose_device
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="nextword-serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="nextword-serve", description="Serve the model repository over HTTP.")
     parser.add_argument("--host", help="bind address (NEXTWORD_HOST)")
     parser.add_argument("--port", type=int, help="port (NEXTWORD_PORT)")
     parser.add_argument("--model-repository", type=Path, help="model repository (NEXTWORD_MODEL_REPOSITORY)")

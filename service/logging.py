@@ -12,7 +12,10 @@ import logging
 import sys
 from typing import Any
 
-_STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+# uvicorn adds color_message (the message with ANSI colours): noise in JSON.
+_STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "taskName", "color_message",
+}
 _HANDLER_MARK = "_nextword_handler"
 
 

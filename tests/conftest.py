@@ -196,8 +196,9 @@ class Server:
 
 
 def _start_server(repository: Path, log_dir: Path, env: dict[str, str] | None = None,
-                  ready: bool = True, timeout: float = 60.0) -> Server:
-    """``python -m uvicorn service.main:app`` on a free port; waits for /readyz (or /healthz)."""
+                  ready: bool = True, timeout: float = 60.0, cli: bool = False) -> Server:
+    """``python -m uvicorn service.main:app`` (or, with ``cli``, the ``nextword-serve`` entry point
+    ``python -m service.cli``) on a free port; waits for /readyz (or /healthz)."""
     import httpx
 
     port = free_port()
@@ -208,17 +209,22 @@ def _start_server(repository: Path, log_dir: Path, env: dict[str, str] | None = 
         "NEXTWORD_INTRA_OP_THREADS": "1",
         "NEXTWORD_RELOAD_INTERVAL_SECONDS": "0",
         "NEXTWORD_LOG_LEVEL": "warning",
+        "NEXTWORD_HOST": "127.0.0.1",
+        "NEXTWORD_PORT": str(port),
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         **(env or {}),
     }
+    if cli:
+        argv = [sys.executable, "-m", "service.cli"]
+    else:
+        argv = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", "warning", "--no-access-log"]
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"uvicorn-{port}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning", "--no-access-log"],
-            env=full_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv, env=full_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
     server = Server(f"http://127.0.0.1:{port}", proc, log_path)
@@ -248,11 +254,11 @@ def live_server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """``start_server(repository, env={...}, ready=True) -> Server``; all stopped afterwards."""
+    """``start_server(repository, env={...}, ready=True, cli=False) -> Server``; all stopped afterwards."""
     servers: list[Server] = []
 
-    def start(repository: Path, env: dict[str, str] | None = None, ready: bool = True) -> Server:
-        server = _start_server(repository, tmp_path / "logs", env, ready)
+    def start(repository: Path, env: dict[str, str] | None = None, ready: bool = True, cli: bool = False) -> Server:
+        server = _start_server(repository, tmp_path / "logs", env, ready, cli=cli)
         servers.append(server)
         return server
 

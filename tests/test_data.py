@@ -85,7 +85,8 @@ def test_text_directory(tmp_path: Path) -> None:
     (tmp_path / "valid.txt").write_text("Don't stop.\n")
     (tmp_path / "test.txt").write_text("\"Quoted\" words\n")
     splits = load_corpus(tmp_path, "text")
-    assert splits.train == ["hello", ",", "world", "!", EOS, "this", "is", "mr.", "smith", EOS, "no", "end", "here", EOS]
+    assert splits.train == ["hello", ",", "world", "!", EOS, "this", "is", "mr.", "smith", EOS,
+                            "no", "end", "here", EOS]
     assert splits.valid == ["don't", "stop", ".", EOS]
     assert splits.test == ["``", "quoted", "''", "words", EOS]
     assert splits.protocol == "text-dir"

@@ -128,17 +128,23 @@ class Predictor:
     def check_text(self, text: str, field_name: str = "text") -> None:
         if len(text) > self.settings.max_text_chars:
             raise TextTooLongError(len(text), self.settings.max_text_chars, field_name)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # JSON can carry lone surrogates ("\ud800"); they cannot be words or be echoed back.
+            raise InvalidInputError(f"text has an unpaired surrogate at character {exc.start}", field_name) from None
 
     # --- prediction ---------------------------------------------------------------------------
 
     async def predict(self, text: str, k: int = 5, model: str | None = None, version: int | None = None) -> Prediction:
-        return (await self.predict_many([PredictQuery(text, k, model, version)]))[0]
+        return (await self.predict_many([PredictQuery(text, k, model, version)], item_field=None))[0]
 
-    async def predict_many(self, queries: Sequence[PredictQuery]) -> list[Prediction]:
+    async def predict_many(self, queries: Sequence[PredictQuery], item_field: str | None = "items") -> list[Prediction]:
         """Predict for many texts; items for one version are submitted together (all or none
-        queued), so a batch request fills batches instead of trickling in."""
+        queued), so a batch request fills batches instead of trickling in. ``item_field`` names
+        the request list in errors (``items.3.text``); ``None`` for a single request."""
         for i, q in enumerate(queries):
-            self.check_text(q.text, "text" if len(queries) == 1 else f"items.{i}.text")
+            self.check_text(q.text, f"{item_field}.{i}.text" if item_field else "text")
         groups: dict[tuple[str | None, int | None], list[int]] = {}
         for i, q in enumerate(queries):
             groups.setdefault((q.model, q.version), []).append(i)

@@ -141,7 +141,7 @@ class ModelRepository:
         self._versions: dict[str, dict[int, LoadedVersion]] = {}
         self._failures: dict[tuple[str, int], Failure] = {}
         self._scan_lock = threading.Lock()
-        self._info_labels: set[tuple[str, str, str, str, str]] = set()
+        self._info_labels: set[InfoLabels] = set()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.last_scan: float | None = None
@@ -305,15 +305,12 @@ class ModelRepository:
 
     def _publish_info(self) -> None:
         """One ``nextword_model_version_info`` series per known version; stale series removed."""
-        labels: set[tuple[str, str, str, str, str]] = set()
+        labels: set[InfoLabels] = set()
         for name, infos in self.status().items():
             for info in infos:
                 labels.add((name, str(info.version), info.cell or "unknown", info.device or "none", info.status))
-        for stale in self._info_labels - labels:
-            with contextlib.suppress(KeyError):
-                metrics.MODEL_VERSION_INFO.remove(*stale)
-        for lbl in labels:
-            metrics.MODEL_VERSION_INFO.labels(*lbl).set(1)
+        _retain_info(labels - self._info_labels)
+        _release_info(self._info_labels - labels)
         self._info_labels = labels
 
     # --- watching -----------------------------------------------------------------------------
@@ -343,13 +340,35 @@ class ModelRepository:
             self._watcher = None
         with self._scan_lock:
             versions, self._versions = self._versions, {}
-            for stale in self._info_labels:
-                with contextlib.suppress(KeyError):
-                    metrics.MODEL_VERSION_INFO.remove(*stale)
+            _release_info(self._info_labels)
             self._info_labels = set()
         for vs in versions.values():
             for lv in vs.values():
                 lv.batcher.close(drain=True, timeout=5)
+
+
+# The info gauge is process-wide while repositories are per app: several apps in one process
+# (tests, embedding) may publish the same series, so each series lives while any of them has it.
+InfoLabels = tuple[str, str, str, str, str]
+_info_refs: dict[InfoLabels, int] = {}
+_info_lock = threading.Lock()
+
+
+def _retain_info(labels: set[InfoLabels]) -> None:
+    with _info_lock:
+        for lbl in labels:
+            _info_refs[lbl] = _info_refs.get(lbl, 0) + 1
+            metrics.MODEL_VERSION_INFO.labels(*lbl).set(1)
+
+
+def _release_info(labels: set[InfoLabels]) -> None:
+    with _info_lock:
+        for lbl in labels:
+            _info_refs[lbl] = _info_refs.get(lbl, 1) - 1
+            if _info_refs[lbl] <= 0:
+                del _info_refs[lbl]
+                with contextlib.suppress(KeyError):
+                    metrics.MODEL_VERSION_INFO.remove(*lbl)
 
 
 def _card_cell(path: Path) -> str:
