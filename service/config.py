@@ -48,11 +48,11 @@ class Settings(BaseSettings):
     )
 
     # --- input limits -------------------------------------------------------------------------
-    max_text_chars: int = Field(10_000, ge=1, description="Longest accepted text (characters); longer: 413.")
+    max_text_chars: int = Field(100_000, ge=1, description="Longest accepted text (characters); longer: 413.")
     max_batch_items: int = Field(64, ge=1, description="Most items in one POST /v1/predict/batch.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body; larger: 413.")
     context_words: int = Field(
-        64, ge=1, description="Context budget: stateless predict reads only the last N words of the text "
+        4096, ge=1, description="Context budget: stateless predict reads only the last N words of the text "
         "(the response then says truncated=true)."
     )
 

@@ -34,6 +34,7 @@ httpx = pytest.importorskip("httpx")
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[1]
+APP = "service.main:app"
 REDIS_REPLICAS = 2
 RATE_WINDOW = "15s"
 # Grafana's built-in variables, as Grafana would expand them for a short time range at 1 s scrapes.
@@ -219,7 +220,7 @@ class Stack:
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             }
             processes.append(self._spawn(replica.name, [
-                sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port",
+                sys.executable, "-m", "uvicorn", APP, "--host", "127.0.0.1", "--port",
                 str(replica.port), "--log-level", "warning", "--no-access-log",
             ], env=env, cwd=ROOT))
 
@@ -420,9 +421,9 @@ def drive_traffic(stack: Stack) -> None:
 
 def drive_sessions(stack: Stack, api: OpenAPI, call: Callable[..., httpx.Response], ok: Callable[[int], bool],
                    client_error: Callable[[int], bool]) -> None:
-    """Sessions through both replicas (they share Redis): create, update, read across replicas,
-    delete; more than NEXTWORD_MAX_SESSIONS of them (evictions), some left past their TTL
-    (expiries); finally Redis goes away (store errors)."""
+    """Sessions: on the Redis replicas (which share them) create, update and read across
+    replicas, delete; on the memory replica more than NEXTWORD_MAX_SESSIONS (evictions); on
+    both, sessions left past their TTL (expiries); finally Redis goes away (store errors)."""
     create = api.find("post", r"^/v1/sessions/?$")
     if not create:
         pytest.fail("the service has no POST /v1/sessions: the session panels cannot be checked")
@@ -430,51 +431,62 @@ def drive_sessions(stack: Stack, api: OpenAPI, call: Callable[..., httpx.Respons
     item_paths = api.find("get", r"^/v1/sessions/\{[^}]+\}/?$")
     delete_paths = api.find("delete", r"^/v1/sessions/\{[^}]+\}/?$")
     update_paths = [(m, p) for m in ("post", "put", "patch") for p in api.find(m, r"^/v1/sessions/\{[^}]+\}/.+")]
+    assert update_paths, "the service has no session update route (POST /v1/sessions/{id}/...)"
 
     def item(path: str, sid: str) -> str:
         return re.sub(r"\{[^}]+\}", sid, path, count=1)
 
-    clients = [httpx.Client(base_url=url, timeout=30) for url in stack.replica_urls]
-    try:
-        sessions: list[str] = []
-        for i in range(MAX_SESSIONS + 4):
-            client = clients[i % len(clients)]
-            response = call(client, "POST", create_path, ok, json=api.request_body("post", create_path))
+    def create_sessions(clients: list[httpx.Client], count: int) -> list[str]:
+        sessions = []
+        for i in range(count):
+            response = call(clients[i % len(clients)], "POST", create_path, ok,
+                            json=api.request_body("post", create_path))
             sid = _session_id(response.json()) if ok(response.status_code) else None
             if sid:
                 sessions.append(sid)
-        assert sessions, "no session could be created"
-        # Updates, alternating replicas: a session lives in Redis, not in one replica.
-        for n, sid in enumerate(sessions[-3:]):
-            for method, path in update_paths:
-                client = clients[n % len(clients)]
-                call(client, method.upper(), item(path, sid), lambda c: c < 500,
-                     json=api.request_body(method, path, text=" the cat", append=" the cat"))
-            for path in item_paths:
-                call(clients[(n + 1) % len(clients)], "GET", item(path, sid), lambda c: c < 500)
-        for path in delete_paths:
-            call(clients[0], "DELETE", item(path, sessions[-1]), ok)
-            call(clients[1], "DELETE", item(path, sessions[-1]), client_error)  # already gone
-        for path in item_paths:
-            call(clients[1], "GET", item(path, "no-such-session"), client_error)
+        assert sessions, f"no session could be created on {clients[0].base_url}"
+        return sessions
 
-        # Past the TTL: reading the remaining sessions finds them expired.
+    def touch(client: httpx.Client, sid: str, text: str = " the cat") -> None:
+        for method, path in update_paths:
+            call(client, method.upper(), item(path, sid), lambda c: c < 500,
+                 json=api.request_body(method, path, text=text, append=text))
+        for path in item_paths:
+            call(client, "GET", item(path, sid), lambda c: c < 500)
+
+    shared = [httpx.Client(base_url=url, timeout=30) for url in stack.urls("redis")]
+    local = httpx.Client(base_url=stack.urls("memory")[0], timeout=30)
+    try:
+        # Redis: a session created on one replica is used on the others.
+        shared_sessions = create_sessions(shared, 4)
+        for n, sid in enumerate(shared_sessions):
+            touch(shared[(n + 1) % len(shared)], sid)
+        for path in delete_paths:
+            call(shared[0], "DELETE", item(path, shared_sessions[-1]), ok)
+            call(shared[-1], "DELETE", item(path, shared_sessions[-1]), client_error)  # already gone
+        for path in item_paths:
+            call(shared[-1], "GET", item(path, "no-such-session"), client_error)
+
+        # Memory: more sessions than the LRU bound holds.
+        local_sessions = create_sessions([local], MAX_SESSIONS + 3)
+        for sid in local_sessions[-2:]:
+            touch(local, sid)
+
+        # Past the TTL: the sessions still around are found expired (or reaped).
         time.sleep(SESSION_TTL_SECONDS + 1.5)
-        for n, sid in enumerate(sessions[:-1]):
-            for path in item_paths:
-                call(clients[n % len(clients)], "GET", item(path, sid), lambda c: c < 500)
-            for method, path in update_paths[:1]:
-                call(clients[n % len(clients)], method.upper(), item(path, sid), lambda c: c < 500,
-                     json=api.request_body(method, path, text=" the", append=" the"))
+        for n, sid in enumerate(shared_sessions[:-1]):
+            touch(shared[n % len(shared)], sid, " the")
+        for sid in local_sessions[-2:]:
+            touch(local, sid, " the")
 
         # The store goes away: session calls fail cleanly (5xx), predictions still work.
         assert stack.redis is not None
         stack.redis.stop()
-        for client in clients:
+        for client in shared:
             call(client, "POST", create_path, lambda c: c >= 500, json=api.request_body("post", create_path))
             call(client, "POST", "/v1/predict", ok, json={"text": "the"})
     finally:
-        for client in clients:
+        for client in [*shared, local]:
             client.close()
 
 

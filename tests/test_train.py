@@ -212,7 +212,6 @@ def test_ddp_under_torchrun(corpus: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "training", "train", "--corpus", str(corpus), *TINY_ARGS, "--epochs", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    Path("/tmp/ddp_stderr.txt").write_text(proc.stderr)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2
@@ -310,6 +309,24 @@ def test_cli_export_then_eval(trained, corpus: Path, tmp_path: Path, capsys) -> 
     assert float(rows[("test", "model")][2]) == pytest.approx(summary["test"]["ppl"], abs=0.01)
     data = json.loads(report.read_text())
     assert data["test"]["model"]["tokens"] == summary["test"]["tokens"]
+
+
+def test_cli_existing_version_and_missing_model_are_clear_errors(trained, corpus: Path, tmp_path: Path,
+                                                                 capsys) -> None:
+    out, _ = trained
+    repo = tmp_path / "models"
+    args = ["export", "--run", str(out), "--repository", str(repo), "--name", "tiny", "--version", "3", "--no-evaluate"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2  # refuses to replace a version without --overwrite
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "already exists" in err
+    assert main([*args, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(repo / "tiny" / "9"), "--corpus", str(corpus), "--corpus-format", "ptb",
+                 "--ngram-order", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "model.json" in err
 
 
 @pytest.mark.slow

@@ -275,9 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from nextword.artifact import ArtifactError
+        from training.export import ExportError
         from training.train import CheckpointError
 
-        if isinstance(exc, CheckpointError):
+        if isinstance(exc, CheckpointError | ArtifactError | ExportError):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise
