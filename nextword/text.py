@@ -28,13 +28,12 @@ _QUOTES = str.maketrans({"“": "``", "”": "''", "‘": "'", "’": "'", "–"
 _TOKEN = re.compile(
     r"""
     (?:[^\W\d_]\.){2,}                                   # u.s.  p.m.
-    | (?:%s)\.(?![^\W_])                                  # mr.  gen.
+    | (?:ABBREVIATIONS)\.(?![^\W_])                                # mr.  gen.
     | \d+(?:[.,:/]\d+)*(?:[^\W\d_]+)?                      # 1,000  3.5  1960s
     | [^\W_]+(?:['&-][^\W_]+)*(?:'(?!'))?                  # don't  anti-trust  boys'
     | ``|''|--|\.\.\.                                     # multi-character marks
     | [^\w\s]                                              # any other single mark
-    """
-    % "|".join(_ABBREVIATIONS),
+    """.replace("ABBREVIATIONS", "|".join(_ABBREVIATIONS)),
     re.VERBOSE,
 )
 

@@ -15,12 +15,19 @@ DEFAULT_BROWN = "../shared/data/brown"
 
 
 def _add_corpus(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default=DEFAULT_BROWN,
-                   help="corpus path: the Brown directory (ca01..cr09) or a directory of train/valid/test files "
-                        f"(default: {DEFAULT_BROWN})")
-    p.add_argument("--corpus-format", default="brown", choices=["brown", "ptb", "text"],
-                   help="brown: Brown-LM protocol over word/tag files; ptb: tokenised one-sentence-a-line "
-                        "*train*/*valid*/*test* files (WikiText/PTB); text: free text through the service tokenizer")
+    p.add_argument(
+        "--corpus",
+        default=DEFAULT_BROWN,
+        help="corpus path: the Brown directory (ca01..cr09) or a directory of train/valid/test files "
+        f"(default: {DEFAULT_BROWN})",
+    )
+    p.add_argument(
+        "--corpus-format",
+        default="brown",
+        choices=["brown", "ptb", "text"],
+        help="brown: Brown-LM protocol over word/tag files; ptb: tokenised one-sentence-a-line "
+        "*train*/*valid*/*test* files (WikiText/PTB); text: free text through the service tokenizer",
+    )
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -32,10 +39,18 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout-embedding", type=float, default=0.1, help="dropout on embeddings")
     g.add_argument("--dropout", type=float, default=0.3, help="dropout between recurrent layers")
     g.add_argument("--dropout-output", type=float, default=0.4, help="dropout before the softmax")
-    g.add_argument("--tied", action=argparse.BooleanOptionalAction, default=True,
-                   help="share input embedding and output softmax weights")
-    g.add_argument("--zoneout", type=float, default=0.0,
-                   help="zoneout probability for h and c (lstm, peephole, cifg, gru); 0 disables")
+    g.add_argument(
+        "--tied",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="share input embedding and output softmax weights",
+    )
+    g.add_argument(
+        "--zoneout",
+        type=float,
+        default=0.0,
+        help="zoneout probability for h and c (lstm, peephole, cifg, gru); 0 disables",
+    )
 
 
 def _add_optim(p: argparse.ArgumentParser) -> None:
@@ -48,31 +63,58 @@ def _add_optim(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=200, help="linear LR warm-up steps")
     g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping threshold")
-    g.add_argument("--softmax", default="full", choices=["full", "sampled"],
-                   help="training softmax: exact, or sampled negatives (≈3x faster with an 18k vocabulary)")
+    g.add_argument(
+        "--softmax",
+        default="full",
+        choices=["full", "sampled"],
+        help="training softmax: exact, or sampled negatives (≈3x faster with an 18k vocabulary)",
+    )
     g.add_argument("--samples", type=int, default=1024, help="negatives per step for --softmax sampled")
-    g.add_argument("--full-softmax-epochs", type=int, default=0,
-                   help="with --softmax sampled: train the last N epochs with the exact softmax")
+    g.add_argument(
+        "--full-softmax-epochs",
+        type=int,
+        default=0,
+        help="with --softmax sampled: train the last N epochs with the exact softmax",
+    )
     g.add_argument("--patience", type=int, default=3, help="early stop after N epochs without a better valid ppl")
     g.add_argument("--seed", type=int, default=0, help="random seed (runs are deterministic for a given seed)")
     g.add_argument("--min-count", type=int, default=3, help="vocabulary: keep train words seen at least N times")
     g.add_argument("--max-vocab", type=int, default=None, help="vocabulary: keep at most N words")
     g.add_argument("--time-limit-minutes", type=float, default=None, help="stop training after this long")
+    g.add_argument(
+        "--max-train-tokens",
+        type=int,
+        default=None,
+        help="token budget: stop after this many training tokens (the LR schedule ends there)",
+    )
     g.add_argument("--max-eval-tokens", type=int, default=None, help="evaluate only the first N tokens of a split")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     g.add_argument("--log-every", type=int, default=25, help="steps between progress/metrics-log updates")
 
 
-MODEL_ARGS = ("cell", "embedding_size", "hidden_size", "num_layers", "dropout_embedding", "dropout",
-              "dropout_output", "tied", "zoneout")
+MODEL_ARGS = (
+    "cell",
+    "embedding_size",
+    "hidden_size",
+    "num_layers",
+    "dropout_embedding",
+    "dropout",
+    "dropout_output",
+    "tied",
+    "zoneout",
+)
 
 
 def train_config_from_args(args: argparse.Namespace):
     from training.train import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)} - {"model", "corpus", "out_dir"}
-    return TrainConfig(corpus=args.corpus, out_dir=args.out, model={k: getattr(args, k) for k in MODEL_ARGS},
-                       **{k: getattr(args, k) for k in names if hasattr(args, k)})
+    return TrainConfig(
+        corpus=args.corpus,
+        out_dir=args.out,
+        model={k: getattr(args, k) for k in MODEL_ARGS},
+        **{k: getattr(args, k) for k in names if hasattr(args, k)},
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -122,8 +164,10 @@ def _print_report(report: dict[str, dict], order: int | None) -> None:
     print(f"{'split':<6} {'model':<8} {'ppl':>9} {'top1':>7} {'top3':>7} {'top5':>7} {'tokens':>8}")
     for split, rows in report.items():
         for name, m in rows.items():
-            print(f"{split:<6} {name:<8} {m['ppl']:>9.2f} {m['top1']:>7.4f} {m['top3']:>7.4f} {m['top5']:>7.4f} "
-                  f"{m['tokens']:>8}")
+            print(
+                f"{split:<6} {name:<8} {m['ppl']:>9.2f} {m['top1']:>7.4f} {m['top3']:>7.4f} {m['top5']:>7.4f} "
+                f"{m['tokens']:>8}"
+            )
         if order and "model" in rows:
             ratio = rows["model"]["ppl"] / rows[f"kn{order}"]["ppl"]
             print(f"{split:<6} ratio    {ratio:>9.3f}  (model ppl / KN-{order} ppl)")
@@ -147,12 +191,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     vocab = Vocab.load(run / "vocab.txt")
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     config = json.loads((run / "config.json").read_text())
-    training = {"corpus": summary.get("corpus"), "protocol": summary.get("protocol"), "config": config,
-                "train_minutes": summary.get("train_minutes"), "steps": summary.get("steps"),
-                "parameters": summary.get("parameters"), "best_epoch": summary.get("best_epoch"),
-                "command": args.train_command or config.get("command")}
-    target = export_model(model, vocab, args.repository, args.name, args.version, weights_dtype=args.weights_dtype,
-                          quantize=args.quantize, training=training, overwrite=args.overwrite)
+    training = {
+        "corpus": summary.get("corpus"),
+        "protocol": summary.get("protocol"),
+        "config": config,
+        "train_minutes": summary.get("train_minutes"),
+        "steps": summary.get("steps"),
+        "parameters": summary.get("parameters"),
+        "best_epoch": summary.get("best_epoch"),
+        "command": args.train_command or config.get("command"),
+    }
+    target = export_model(
+        model,
+        vocab,
+        args.repository,
+        args.name,
+        args.version,
+        weights_dtype=args.weights_dtype,
+        quantize=args.quantize,
+        training=training,
+        overwrite=args.overwrite,
+    )
     if args.evaluate:
         from nextword import artifact as A
 
@@ -198,9 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nextword-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a language model", description="Train a model; writes checkpoints "
-                       "(last.pt, best.pt), vocab.txt, config.json, metrics.jsonl and summary.json into --out. "
-                       "Run under `torchrun --nproc-per-node N` for data-parallel training.")
+    p = sub.add_parser(
+        "train",
+        help="train a language model",
+        description="Train a model; writes checkpoints "
+        "(last.pt, best.pt), vocab.txt, config.json, metrics.jsonl and summary.json into --out. "
+        "Run under `torchrun --nproc-per-node N` for data-parallel training.",
+    )
     _add_corpus(p)
     _add_model(p)
     _add_optim(p)
@@ -208,9 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --out/last.pt (same configuration)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate an exported model with onnxruntime",
-                       description="Perplexity and top-1/3/5 accuracy of a model version on corpus splits, "
-                                   "reading each split as one stream with carried state.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate an exported model with onnxruntime",
+        description="Perplexity and top-1/3/5 accuracy of a model version on corpus splits, "
+        "reading each split as one stream with carried state.",
+    )
     p.add_argument("--model", required=True, help="model version directory, e.g. models/brown-lstm/1")
     _add_corpus(p)
     p.add_argument("--split", nargs="+", default=["test"], choices=["train", "valid", "test"], help="splits")
@@ -219,19 +285,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="export a trained run into the model repository",
-                       description="Builds ONNX graphs from --run/best.pt, checks onnxruntime against torch, "
-                                   "and writes models/<name>/<version>/ with model.json.")
+    p = sub.add_parser(
+        "export",
+        help="export a trained run into the model repository",
+        description="Builds ONNX graphs from --run/best.pt, checks onnxruntime against torch, "
+        "and writes models/<name>/<version>/ with model.json.",
+    )
     p.add_argument("--run", required=True, help="training run directory (with best.pt and vocab.txt)")
     p.add_argument("--repository", default="models", help="model repository root")
     p.add_argument("--name", required=True, help="model name")
     p.add_argument("--version", type=int, default=None, help="version (default: next free)")
-    p.add_argument("--weights-dtype", default="float32", choices=["float32", "float16"],
-                   help="storage precision of the weights (float16 halves the size; compute stays float32)")
+    p.add_argument(
+        "--weights-dtype",
+        default="float32",
+        choices=["float32", "float16"],
+        help="storage precision of the weights (float16 halves the size; compute stays float32)",
+    )
     p.add_argument("--quantize", choices=["int8"], default=None, help="also write a dynamically quantized graph")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
-    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate the exported graphs on valid/test and store the metrics in model.json")
+    p.add_argument(
+        "--evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate the exported graphs on valid/test and store the metrics in model.json",
+    )
     p.add_argument("--ngram-order", type=int, default=5, help="baseline order stored beside the metrics (0 = none)")
     p.add_argument("--train-command", default=None, help="the command that trained the run (for the model card)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
@@ -250,14 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default: <run>/curves.png)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("compare", help="train every cell at an equal budget and tabulate",
-                       description="Trains each cell for the same wall-clock budget with the same settings, "
-                                   "exports it, measures onnxruntime step latency, and writes a Markdown table.")
+    p = sub.add_parser(
+        "compare",
+        help="train every cell at an equal budget and tabulate",
+        description="Trains each cell for the same wall-clock budget with the same settings, "
+        "exports it, measures onnxruntime step latency, and writes a Markdown table.",
+    )
     _add_corpus(p)
-    p.add_argument("--cells", nargs="+", default=["rnn", "lstm", "peephole", "cifg", "gru", "highway",
-                                                   "lstm+zoneout", "gru+zoneout"],
-                   help="cells to compare; 'cell+zoneout' adds zoneout")
-    p.add_argument("--minutes", type=float, default=4.0, help="training budget per cell")
+    p.add_argument(
+        "--cells",
+        nargs="+",
+        default=["rnn", "lstm", "peephole", "cifg", "gru", "highway", "lstm+zoneout", "gru+zoneout"],
+        help="cells to compare; 'cell+zoneout' adds zoneout",
+    )
+    p.add_argument("--tokens", type=int, default=500_000, help="training budget per cell, in tokens (equal for all)")
+    p.add_argument("--minutes", type=float, default=None, help="optional wall-clock cap per cell")
     p.add_argument("--compare-zoneout", type=float, default=0.1, help="zoneout probability for '+zoneout' entries")
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.add_argument("--readme", default=None, help="update the table between markers in this README")

@@ -21,8 +21,9 @@ def load_artifact(model_dir: str | Path) -> tuple[A.ModelCard, Vocab]:
     return card, Vocab.load(model_dir / card.vocab_file)
 
 
-def evaluate_artifact(model_dir: str | Path, words: list[str], window: int = 256, threads: int | None = None,
-                      progress: bool = True) -> dict[str, float]:
+def evaluate_artifact(
+    model_dir: str | Path, words: list[str], window: int = 256, threads: int | None = None, progress: bool = True
+) -> dict[str, float]:
     """Perplexity and top-k accuracy of ``words`` read as one stream (batch 1, state carried),
     scoring every token after the first."""
     model_dir = Path(model_dir)
@@ -39,8 +40,9 @@ def evaluate_artifact(model_dir: str | Path, words: list[str], window: int = 256
         x = ids[start : start + window]
         y = ids[start + 1 : start + 1 + window]
         x = x[: len(y)]
-        lp, ranks, *new = sess.run(outputs, {A.TOKENS: x[None], A.LENGTHS: np.array([len(x)]),
-                                             A.TARGETS: y[None], **state})
+        lp, ranks, *new = sess.run(
+            outputs, {A.TOKENS: x[None], A.LENGTHS: np.array([len(x)]), A.TARGETS: y[None], **state}
+        )
         metrics.add(lp[0], ranks[0])
         state = {A.state_input(s): v for s, v in zip(card.state_names, new, strict=True)}
     return metrics.result()

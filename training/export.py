@@ -4,8 +4,8 @@ onnxruntime against torch before the version is written (see ``models/README.md`
 from __future__ import annotations
 
 import copy
-import hashlib
 import datetime as dt
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,7 +56,9 @@ def parity_report(model: LanguageModel, predict_path: Path, seed: int = 0) -> di
     lengths = np.array([7, 1, 4, 11])
     B, T = len(lengths), int(lengths.max())
     tokens = rng.integers(0, cfg.vocab_size, size=(B, T))
-    state = {s: rng.normal(0, 0.5, size=(cfg.num_layers, B, cfg.hidden_size)).astype(np.float32) for s in cfg.state_names}
+    state = {
+        s: rng.normal(0, 0.5, size=(cfg.num_layers, B, cfg.hidden_size)).astype(np.float32) for s in cfg.state_names
+    }
     # padding carries garbage ids on purpose: it must never matter
     ort_lp, *ort_state = sess.run(None, _feeds(model, tokens, lengths, state))
     vs_torch = 0.0
@@ -74,7 +76,9 @@ def parity_report(model: LanguageModel, predict_path: Path, seed: int = 0) -> di
         st = dict(zip(cfg.state_names, new, strict=True))
     stepwise = float(np.abs(lp[0] - ort_lp[row]).max())
     # padding: the same row alone, unpadded
-    alone = sess.run(None, _feeds(model, tokens[:1, : lengths[0]], lengths[:1], {s: state[s][:, :1] for s in cfg.state_names}))
+    alone = sess.run(
+        None, _feeds(model, tokens[:1, : lengths[0]], lengths[:1], {s: state[s][:, :1] for s in cfg.state_names})
+    )
     padding = float(np.abs(alone[0][0] - ort_lp[0]).max())
     return {"onnxruntime_vs_torch": vs_torch, "stepwise_vs_full": stepwise, "padding": padding}
 
@@ -162,8 +166,12 @@ def export_model(
         if max(parity.values()) > PARITY_TOLERANCE:
             raise ExportError(f"onnxruntime parity check failed: {parity}")
         export_info: dict[str, Any] = {
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-            "opset": OPSET, "parity_max_abs": parity, "tolerance": PARITY_TOLERANCE,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "opset": OPSET,
+            "parity_max_abs": parity,
+            "tolerance": PARITY_TOLERANCE,
         }
         if quantize == "int8":
             _quantize(model, tmp / A.PREDICT_INT8_GRAPH)
@@ -172,10 +180,22 @@ def export_model(
         vocab.save(tmp / A.VOCAB_FILE)
         cfg = model.cfg
         card = A.ModelCard(
-            name=name, version=version, cell=cfg.cell, num_layers=cfg.num_layers,
-            embedding_size=cfg.embedding_size, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
-            state_names=cfg.state_names, graphs=graphs, data_files=[A.WEIGHTS_FILE], tied=cfg.tied, zoneout=cfg.zoneout,
-            weights_dtype=weights_dtype, training=training or {}, metrics=metrics or {}, export=export_info,
+            name=name,
+            version=version,
+            cell=cfg.cell,
+            num_layers=cfg.num_layers,
+            embedding_size=cfg.embedding_size,
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            state_names=cfg.state_names,
+            graphs=graphs,
+            data_files=[A.WEIGHTS_FILE],
+            tied=cfg.tied,
+            zoneout=cfg.zoneout,
+            weights_dtype=weights_dtype,
+            training=training or {},
+            metrics=metrics or {},
+            export=export_info,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
         A.write_card(tmp, card)

@@ -103,9 +103,7 @@ class CustomRecurrent(nn.Module):
                 self.register_parameter(name, nn.Parameter(torch.empty(shape).uniform_(-k, k)))
             if cfg.cell == "peephole":
                 # rows: p_i, p_f, p_o
-                self.register_parameter(
-                    f"peephole_l{layer}", nn.Parameter(torch.empty(3, H).uniform_(-k, k))
-                )
+                self.register_parameter(f"peephole_l{layer}", nn.Parameter(torch.empty(3, H).uniform_(-k, k)))
 
     def _step(self, layer: int, xw: Tensor, state: list[Tensor]) -> list[Tensor]:
         """One time step of one layer; ``xw`` is W x + b_W already computed."""

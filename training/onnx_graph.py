@@ -79,8 +79,19 @@ class _Builder:
         return self.node(op, list(inputs), **attrs)[0]
 
 
-def _scan_layer(b: _Builder, cell: str, zoneout: float, hidden: int, xw: str, mask: str,
-                h0: str, c0: str | None, r_t: str, b_hh: str, peep: np.ndarray | None) -> tuple[str, str, str | None]:
+def _scan_layer(
+    b: _Builder,
+    cell: str,
+    zoneout: float,
+    hidden: int,
+    xw: str,
+    mask: str,
+    h0: str,
+    c0: str | None,
+    r_t: str,
+    b_hh: str,
+    peep: np.ndarray | None,
+) -> tuple[str, str, str | None]:
     """One zoneout layer as a Scan over time: inputs ``xw`` [T,B,G*H] (W x + b already applied) and
     ``mask`` [T,B,1]; returns (Y [T,B,H], h_T, c_T). Masked steps keep the previous state."""
     p = float(zoneout)
@@ -137,13 +148,17 @@ def _scan_layer(b: _Builder, cell: str, zoneout: float, hidden: int, xw: str, ma
         prev = f"{key}_prev"
         zoned = n("Add", [n("Mul", [pz, prev], f"{key}_keep"), n("Mul", [qz, new[key]], f"{key}_take")], f"{key}_z")
         # masked (padding) steps leave the state untouched
-        kept = n("Add", [n("Mul", ["m_t", zoned], f"{key}_m1"),
-                         n("Mul", [n("Sub", [one, "m_t"], f"{key}_nm"), prev], f"{key}_m0")], f"{key}_out")
+        kept = n(
+            "Add",
+            [n("Mul", ["m_t", zoned], f"{key}_m1"), n("Mul", [n("Sub", [one, "m_t"], f"{key}_nm"), prev], f"{key}_m0")],
+            f"{key}_out",
+        )
         outs.append(kept)
     body_nodes.append(helper.make_node("Identity", [outs[0]], ["y_t"]))
     vi = lambda name, shape: helper.make_tensor_value_info(name, _FLOAT, shape)  # noqa: E731
     body = helper.make_graph(
-        body_nodes, "step",
+        body_nodes,
+        "step",
         [vi(s, ["B", hidden]) for s in state_in] + [vi("xw_t", ["B", None]), vi("m_t", ["B", 1])],
         [vi(o, ["B", hidden]) for o in outs] + [vi("y_t", ["B", hidden])],
         initializer=inits,
@@ -199,9 +214,19 @@ def build_graph(model: LanguageModel, kind: str, weights_dtype: str = "float32")
             mask = b.op("Unsqueeze", b.op("Cast", mask_tb, to=_FLOAT), b.const("ax2", np.array([2], np.int64)))
             h0 = b.op("Squeeze", init["h"], ax0)
             c0 = b.op("Squeeze", init["c"], ax0) if "c" in init else None
-            y, h_t, c_t = _scan_layer(b, cell, cfg.zoneout, H, xw, mask, h0, c0,
-                                      b.weight("w_hh_t", w["weight_hh"].T), b.weight("b_hh", w["bias_hh"]),
-                                      w.get("peephole"))
+            y, h_t, c_t = _scan_layer(
+                b,
+                cell,
+                cfg.zoneout,
+                H,
+                xw,
+                mask,
+                h0,
+                c0,
+                b.weight("w_hh_t", w["weight_hh"].T),
+                b.weight("b_hh", w["bias_hh"]),
+                w.get("peephole"),
+            )
             final["h"].append(b.op("Unsqueeze", h_t, ax0))
             if c_t is not None:
                 final["c"].append(b.op("Unsqueeze", c_t, ax0))
@@ -223,7 +248,15 @@ def build_graph(model: LanguageModel, kind: str, weights_dtype: str = "float32")
                 if cell == "peephole":
                     p_i, p_f, p_o = w["peephole"]
                     extra.append(b.weight("P", np.concatenate([p_i, p_o, p_f])[None]))
-            ins = [x, b.weight("W", W[None]), b.weight("R", R[None]), b.weight("B", B_[None]), seq_lens, init["h"], *extra]
+            ins = [
+                x,
+                b.weight("W", W[None]),
+                b.weight("R", R[None]),
+                b.weight("B", B_[None]),
+                seq_lens,
+                init["h"],
+                *extra,
+            ]
             outs = [b.name("Y"), b.name("Y_h")] + ([b.name("Y_c")] if op == "LSTM" else [])
             b.node(op, ins, outs, hidden_size=H, **attrs)
             layer_out = b.op("Squeeze", outs[0], ax1)  # [T, B, H]
@@ -232,10 +265,18 @@ def build_graph(model: LanguageModel, kind: str, weights_dtype: str = "float32")
                 final["c"].append(outs[2])
         if isinstance(model.recurrent, HighwayLSTM):
             gate = model.recurrent.gates[layer]
-            t = b.op("Sigmoid", b.op("Add", b.op("MatMul", b.op("Concat", x, layer_out, axis=2),
-                                                  b.weight("hw_t", _np(gate.weight).T)), b.weight("hw_b", _np(gate.bias))))
+            t = b.op(
+                "Sigmoid",
+                b.op(
+                    "Add",
+                    b.op("MatMul", b.op("Concat", x, layer_out, axis=2), b.weight("hw_t", _np(gate.weight).T)),
+                    b.weight("hw_b", _np(gate.bias)),
+                ),
+            )
             carry = model.recurrent.carry[layer]
-            carried = x if isinstance(carry, torch.nn.Identity) else b.op("MatMul", x, b.weight("carry", _np(carry.weight).T))
+            carried = (
+                x if isinstance(carry, torch.nn.Identity) else b.op("MatMul", x, b.weight("carry", _np(carry.weight).T))
+            )
             one = b.const("one", np.array(1.0, np.float32))
             layer_out = b.op("Add", b.op("Mul", t, layer_out), b.op("Mul", b.op("Sub", one, t), carried))
         x = layer_out
@@ -260,13 +301,24 @@ def build_graph(model: LanguageModel, kind: str, weights_dtype: str = "float32")
         logp = b.op("LogSoftmax", logits, axis=-1)  # [B, T, V]
         tgt = b.op("Unsqueeze", A.TARGETS, b.const("ax2", np.array([2], np.int64)))
         tlp = b.op("GatherElements", logp, tgt, axis=2)  # [B, T, 1]
-        rank = b.op("ReduceSum", b.op("Cast", b.op("Greater", logp, tlp), to=TensorProto.INT64),
-                    b.const("ax2", np.array([2], np.int64)), keepdims=0)
+        rank = b.op(
+            "ReduceSum",
+            b.op("Cast", b.op("Greater", logp, tlp), to=TensorProto.INT64),
+            b.const("ax2", np.array([2], np.int64)),
+            keepdims=0,
+        )
         valid = b.op("Transpose", mask_tb, perm=[1, 0])  # [B, T]
         zero_f, zero_i = b.const("zf", np.array(0.0, np.float32)), b.const("zi", np.array(0, np.int64))
-        b.node("Where", [valid, b.op("Squeeze", tlp, b.const("ax2", np.array([2], np.int64))), zero_f], [A.TARGET_LOG_PROBS])
+        b.node(
+            "Where",
+            [valid, b.op("Squeeze", tlp, b.const("ax2", np.array([2], np.int64))), zero_f],
+            [A.TARGET_LOG_PROBS],
+        )
         b.node("Where", [valid, rank, zero_i], [A.TARGET_RANKS])
-        outputs = [vi(A.TARGET_LOG_PROBS, _FLOAT, ["batch", "time"]), vi(A.TARGET_RANKS, TensorProto.INT64, ["batch", "time"])] + outputs
+        outputs = [
+            vi(A.TARGET_LOG_PROBS, _FLOAT, ["batch", "time"]),
+            vi(A.TARGET_RANKS, TensorProto.INT64, ["batch", "time"]),
+        ] + outputs
 
     graph = helper.make_graph(b.nodes, f"nextword_{kind}", inputs, outputs, initializer=b.inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="nextword")

@@ -25,7 +25,9 @@ def plot_run(run: Path, out: Path | None = None) -> Path:
     sampled = [r for r in train if not r.get("exact_softmax", True)]
     exact = [r for r in train if r.get("exact_softmax", True)]
     if sampled:
-        ax_ppl.plot([r["step"] for r in sampled], [r["ppl"] for r in sampled], label="train (sampled softmax)", alpha=0.7)
+        ax_ppl.plot(
+            [r["step"] for r in sampled], [r["ppl"] for r in sampled], label="train (sampled softmax)", alpha=0.7
+        )
     if exact:
         ax_ppl.plot([r["step"] for r in exact], [r["ppl"] for r in exact], label="train (exact softmax)", alpha=0.7)
     if valid:

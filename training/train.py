@@ -53,6 +53,7 @@ class TrainConfig:
     min_count: int = 3
     max_vocab: int | None = None
     time_limit_minutes: float | None = None
+    max_train_tokens: int | None = None  # a token budget: the LR schedule ends exactly there
     log_every: int = 25
     eval_bptt: int = 128
     valid_tokens: int | None = 40000  # validation during training reads the first N tokens (full split at the end)
@@ -169,7 +170,9 @@ def _check_resume(saved: dict[str, Any], cfg: TrainConfig, model_cfg: ModelConfi
         )
     for key in ("corpus_format", "min_count", "max_vocab", "batch_size", "bptt"):
         if saved["train_config"].get(key) != getattr(cfg, key):
-            raise CheckpointError(f"checkpoint has {key}={saved['train_config'].get(key)!r}, run asks {getattr(cfg, key)!r}")
+            raise CheckpointError(
+                f"checkpoint has {key}={saved['train_config'].get(key)!r}, run asks {getattr(cfg, key)!r}"
+            )
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -195,6 +198,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     data = batchify(train_ids, cfg.batch_size, rank, world)
     steps_per_epoch = math.ceil((data.shape[1] - 1) / cfg.bptt)
     total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_train_tokens:
+        total_steps = min(total_steps, math.ceil(cfg.max_train_tokens / (cfg.batch_size * world * cfg.bptt)))
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
@@ -227,7 +232,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         net = torch.nn.parallel.DistributedDataParallel(model)
     log = MetricsLog(out / "metrics.jsonl", main_process)
     started = time.time()
-    out_of_time = False
+    budget_spent = False
 
     for epoch in range(start_epoch, cfg.epochs):
         exact = sampler is None or epoch >= cfg.epochs - cfg.full_softmax_epochs
@@ -254,14 +259,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             if step % cfg.log_every == 0:
                 tps = window_tokens * world / (time.time() - window_start)
                 mean = window_loss / window_tokens
-                bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(mean):.1f}", tok_s=f"{tps:.0f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                log.write(event="train", epoch=epoch, step=step, loss=mean, ppl=math.exp(mean),
-                          exact_softmax=exact, tokens_per_s=tps, lr=scheduler.get_last_lr()[0],
-                          elapsed_s=time.time() - started)
+                bar.set_postfix(
+                    loss=f"{mean:.3f}",
+                    ppl=f"{math.exp(mean):.1f}",
+                    tok_s=f"{tps:.0f}",
+                    lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                )
+                log.write(
+                    event="train",
+                    epoch=epoch,
+                    step=step,
+                    loss=mean,
+                    ppl=math.exp(mean),
+                    exact_softmax=exact,
+                    tokens_per_s=tps,
+                    lr=scheduler.get_last_lr()[0],
+                    elapsed_s=time.time() - started,
+                )
                 window_loss, window_tokens, window_start = 0.0, 0, time.time()
-            if cfg.time_limit_minutes and time.time() - started > cfg.time_limit_minutes * 60:
-                out_of_time = True
+            if (cfg.time_limit_minutes and time.time() - started > cfg.time_limit_minutes * 60) or step >= total_steps:
+                budget_spent = True
                 break
         bar.close()
 
@@ -271,20 +288,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             improved = valid["ppl"] < best_valid
             best_valid = min(best_valid, valid["ppl"])
             bad_epochs = 0 if improved else bad_epochs + 1
-            log.write(event="valid", epoch=epoch, step=step, exact_softmax=exact, elapsed_s=time.time() - started, **valid)
-            tqdm.write(f"epoch {epoch + 1}: valid ppl {valid['ppl']:.2f} top1 {valid['top1']:.3f}"
-                       f"{' (best)' if improved else ''}")
+            log.write(
+                event="valid", epoch=epoch, step=step, exact_softmax=exact, elapsed_s=time.time() - started, **valid
+            )
+            tqdm.write(
+                f"epoch {epoch + 1}: valid ppl {valid['ppl']:.2f} top1 {valid['top1']:.3f}"
+                f"{' (best)' if improved else ''}"
+            )
             checkpoint = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-                "best_valid": best_valid, "bad_epochs": bad_epochs, "rng": torch.get_rng_state(),
-                "sampler_rng": generator.get_state(), "model_config": model_cfg.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "best_valid": best_valid,
+                "bad_epochs": bad_epochs,
+                "rng": torch.get_rng_state(),
+                "sampler_rng": generator.get_state(),
+                "model_config": model_cfg.to_dict(),
                 "train_config": asdict(cfg),
             }
             torch.save(checkpoint, last_path)
             if improved:
                 torch.save(checkpoint, best_path)
-            stop[0] = float(bad_epochs >= cfg.patience or out_of_time)
+            stop[0] = float(bad_epochs >= cfg.patience or budget_spent)
         if distributed:
             dist.broadcast(stop, src=0)
         if stop[0]:
@@ -297,15 +324,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         test = evaluate(model, test_ids, cfg.eval_bptt, cfg.max_eval_tokens)
         valid = evaluate(model, valid_ids, cfg.eval_bptt, cfg.max_eval_tokens)
         summary = {
-            "best_valid_ppl": best_valid, "best_epoch": best["epoch"], "valid": valid, "test": test,
-            "train_minutes": (time.time() - started) / 60, "steps": step,
-            "parameters": model.num_parameters(), "processes": world,
-            "corpus": splits.name, "protocol": splits.protocol,
-            "vocab_size": len(vocab), "train_tokens": len(train_ids),
+            "best_valid_ppl": best_valid,
+            "best_epoch": best["epoch"],
+            "valid": valid,
+            "test": test,
+            "train_minutes": (time.time() - started) / 60,
+            "steps": step,
+            "parameters": model.num_parameters(),
+            "processes": world,
+            "corpus": splits.name,
+            "protocol": splits.protocol,
+            "vocab_size": len(vocab),
+            "train_tokens": len(train_ids),
         }
         log.write(event="test", **test)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        tqdm.write(f"test ppl {test['ppl']:.2f} top1 {test['top1']:.3f} top3 {test['top3']:.3f} top5 {test['top5']:.3f}")
+        tqdm.write(
+            f"test ppl {test['ppl']:.2f} top1 {test['top1']:.3f} top3 {test['top3']:.3f} top5 {test['top5']:.3f}"
+        )
     if distributed:
         dist.destroy_process_group()
     return summary
