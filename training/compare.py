@@ -46,13 +46,13 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         f"{args.max_eval_tokens or 'all'} tokens of each split; step latency = onnxruntime, batch 1, 1 thread.\n\n"
     )
     lines = [
-        "| cell | params | train min | tokens seen | valid ppl | test ppl | top-1 | top-3 | step ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| cell | params | train min | train tok/s | tokens seen | valid ppl | test ppl | top-1 | top-3 | step ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['cell']} | {r['parameters'] / 1e6:.2f} M | {r['train_minutes']:.1f} | "
-            f"{r['tokens_seen'] / 1e6:.2f} M | {r['valid_ppl']:.1f} | {r['test_ppl']:.1f} | "
+            f"{r['train_tokens_per_s']:.0f} | {r['tokens_seen'] / 1e6:.2f} M | {r['valid_ppl']:.1f} | {r['test_ppl']:.1f} | "
             f"{r['top1']:.3f} | {r['top3']:.3f} | {r['step_ms']:.3f} |"
         )
     return head + "\n".join(lines) + "\n"

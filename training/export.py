@@ -202,6 +202,7 @@ def export_model(
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             shutil.rmtree(target)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a server running as another user must read it
         tmp.rename(target)  # a watcher never sees a half-written version
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
