@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         4096, ge=1, description="Context budget: stateless predict reads only the last N words of the text "
         "(the response then says truncated=true)."
     )
+    max_generation_words: int = Field(
+        256, ge=1, description="Most words one completion may generate (max_words / OpenAI max_tokens); "
+        "bounds how long one generation keeps stepping through the batcher."
+    )
 
     # --- HTTP / logging -----------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -65,7 +69,30 @@ class Settings(BaseSettings):
     # --- sessions (used by the stateful-session feature) ---------------------------------------
     session_store: str = Field("memory", description="memory, or a redis://... URL.")
     session_ttl_seconds: float = Field(1800.0, gt=0, description="Idle time after which a session expires.")
-    max_sessions: int = Field(100_000, ge=1, description="LRU bound of the in-memory session store.")
+    max_sessions: int = Field(
+        100_000, ge=1, description="Most live sessions per store: the memory store evicts the least recently "
+        "used, the Redis store the one closest to expiry."
+    )
+    session_max_ttl_seconds: float = Field(
+        86_400.0, gt=0, description="Largest ttl_seconds a client may ask for when creating a session."
+    )
+    session_rebuild_words: int = Field(
+        256, ge=1, description="Committed words a session keeps to rebuild its state on another model version "
+        "when its own version is unloaded."
+    )
+    max_delta_chars: int = Field(
+        10_000, ge=1, description="Longest text delta (or replace_pending) of one session update; longer: 413."
+    )
+    session_lock_timeout_seconds: float = Field(
+        5.0, gt=0, description="Longest an update waits for another update of the same session; then 409."
+    )
+    session_sweep_interval_seconds: float = Field(
+        5.0, ge=0, description="How often expired sessions are reaped and the active-session gauge refreshed "
+        "(0 = never; expiry is still enforced on access)."
+    )
+    session_store_timeout_seconds: float = Field(
+        2.0, gt=0, description="Connect/read timeout of Redis calls; past it the session call answers 503."
+    )
 
     @field_validator("log_level")
     @classmethod

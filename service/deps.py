@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from service.config import Settings
 from service.engine import Engine, ModelRepository, Predictor
+from service.sessions import SessionManager
 
 
 def get_settings(request: Request) -> Settings:
@@ -33,3 +34,10 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+
+
+def get_sessions(request: Request) -> SessionManager:
+    return request.app.state.sessions
+
+
+SessionsDep = Annotated[SessionManager, Depends(get_sessions)]

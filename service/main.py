@@ -19,7 +19,9 @@ from service.engine import Engine
 from service.errors import install_error_handlers
 from service.logging import configure_logging
 from service.metrics import MetricsMiddleware
-from service.routers import health, models, predict
+from service.routers import generate, health, kserve, models, openai, predict
+from service.routers import sessions as sessions_router
+from service.sessions import SessionError, SessionManager, session_error_handler
 
 log = logging.getLogger("service.main")
 
@@ -28,6 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
     engine = Engine(settings)
+    sessions = SessionManager(engine, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -36,9 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "serving %s: %d version(s) loaded, %d failed",
             settings.model_repository, len(report.loaded), len(report.failed),
         )
+        await sessions.start()
         try:
             yield
         finally:
+            await sessions.close()
             await asyncio.to_thread(engine.stop)
 
     app = FastAPI(
@@ -49,11 +54,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.sessions = sessions
     install_error_handlers(app)
+    app.add_exception_handler(SessionError, session_error_handler)  # type: ignore[arg-type]
     app.add_middleware(MetricsMiddleware)
     app.include_router(predict.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(sessions_router.router)
+    app.include_router(generate.router)  # POST /v1/generate
+    app.include_router(openai.router)  # /openai/v1 (OpenAI-compatible)
+    app.include_router(kserve.router)  # /v2 (KServe v2 / Open Inference Protocol)
     return app
 
 

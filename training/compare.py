@@ -52,7 +52,8 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
     for r in rows:
         lines.append(
             f"| {r['cell']} | {r['parameters'] / 1e6:.2f} M | {r['train_minutes']:.1f} | "
-            f"{r['train_tokens_per_s']:.0f} | {r['tokens_seen'] / 1e6:.2f} M | {r['valid_ppl']:.1f} | {r['test_ppl']:.1f} | "
+            f"{r['train_tokens_per_s']:.0f} | {r['tokens_seen'] / 1e6:.2f} M | "
+            f"{r['valid_ppl']:.1f} | {r['test_ppl']:.1f} | "
             f"{r['top1']:.3f} | {r['top3']:.3f} | {r['step_ms']:.3f} |"
         )
     return head + "\n".join(lines) + "\n"
