@@ -126,7 +126,7 @@ def test_metrics_present_and_increasing(live_server: str) -> None:
         (b'{"text": "a",}', 400, "invalid_json"),
         (b'{"text": ["a"]}', 422, "validation_error"),
         (b'{"text": "a", "k": 1000}', 422, "validation_error"),
-        (json.dumps({"text": "word " * 2001}).encode(), 413, "text_too_long"),
+        (json.dumps({"text": "word " * 20001}).encode(), 413, "text_too_long"),
         (b'{"text": "a", "model": "absent"}', 404, "model_not_found"),
         (b'{"text": "a", "model": "tiny", "version": 5}', 404, "version_not_found"),
     ],

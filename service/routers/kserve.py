@@ -1,0 +1,325 @@
+"""KServe v2 / Open Inference Protocol under ``/v2`` (what ``tritonclient.http`` and KServe speak).
+
+Health, server and model metadata, readiness, and inference: the input is a ``BYTES`` tensor of
+texts (any name; ``text`` by convention) of shape ``[N]`` or ``[N, 1]``; a request parameter ``k``
+(default 5, 1..100) picks how many words come back. Outputs, shape ``[N, k]``: ``words`` (``BYTES``,
+most likely first) and ``probabilities`` (``FP32``), with /v1/predict's keyboard semantics (text
+ending inside a word asks for completions of it). A row with fewer than ``k`` eligible words (a
+rare prefix) is padded with ``""`` and ``0.0`` so the tensor stays rectangular.
+
+Both JSON tensor data and the *binary tensor data* extension are supported, in both directions
+(``tritonclient.http`` sends and asks for binary by default): a request body may be a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the raw tensors (inputs with
+``parameters.binary_data_size``); outputs are returned binary when the request asks
+(``parameters.binary_data_output`` or an output's ``parameters.binary_data``).
+
+Not supported, and rejected with 400 rather than silently ignored: shared-memory tensors,
+classification outputs, and sequence parameters (``sequence_id``; stateful sequences are the
+session API's job, ``/v1/sessions``). ``priority`` and ``timeout`` are accepted and ignored.
+Errors are ``{"error": "<message>"}`` (see ``service/errors.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from service.config import Settings
+from service.deps import PredictorDep, RepositoryDep, SettingsDep
+from service.engine import LoadedVersion, ModelRepository, Predictor, PredictQuery
+from service.engine.errors import InvalidInputError, ModelNotFoundError, VersionNotFoundError
+from service.errors import BinaryBodyRoute
+from service.protocol_generate import (
+    KSERVE_DEFAULT_K,
+    KSERVE_MAX_K,
+    InferOutputTensor,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ServerMetadata,
+    TensorMetadata,
+)
+
+router = APIRouter(prefix="/v2", tags=["kserve-v2"], route_class=BinaryBodyRoute)
+
+SERVER_NAME = "nextword"
+EXTENSIONS = ["binary_tensor_data"]
+PLATFORM = "onnxruntime_onnx"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+WORDS = "words"
+PROBABILITIES = "probabilities"
+INPUTS = [TensorMetadata(name="text", datatype="BYTES", shape=[-1])]
+OUTPUTS = [TensorMetadata(name=WORDS, datatype="BYTES", shape=[-1, -1]),
+           TensorMetadata(name=PROBABILITIES, datatype="FP32", shape=[-1, -1])]
+_ERROR = {"content": {"application/json": {"example": {"error": "model 'x' is not loaded"}}}}
+
+
+class KServeInputError(InvalidInputError):
+    """A malformed inference request (answered 400 ``{"error": ...}``)."""
+
+
+# --- health and metadata --------------------------------------------------------------------------
+
+
+@router.get("", response_model=ServerMetadata)
+async def server_metadata(request: Request) -> ServerMetadata:
+    return ServerMetadata(name=SERVER_NAME, version=request.app.version, extensions=EXTENSIONS)
+
+
+@router.get("/health/live")
+async def server_live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", responses={400: {"description": "Not ready (no model loaded)"}})
+async def server_ready(request: Request) -> JSONResponse:
+    """200 when a model can answer; 400 otherwise (the protocol's "4xx means false")."""
+    engine = request.app.state.engine
+    ready = engine.started and engine.repository.ready
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
+
+
+def _resolve(repository: ModelRepository, name: str, version: str | None) -> LoadedVersion:
+    if version is None:
+        return repository.resolve(name)
+    if not version.isdigit() or int(version) < 1:
+        raise VersionNotFoundError(name, 0, f"{version!r} is not a version number")
+    return repository.resolve(name, int(version))
+
+
+def _metadata(repository: ModelRepository, lv: LoadedVersion, version: str | None) -> ModelMetadata:
+    if version is None:
+        versions = [str(info.version) for info in repository.status(lv.name).get(lv.name, [])
+                    if info.status != "failed"]
+    else:
+        versions = [str(lv.version)]
+    return ModelMetadata(name=lv.name, versions=versions, platform=PLATFORM, inputs=INPUTS, outputs=OUTPUTS,
+                         parameters={"k": {"default": KSERVE_DEFAULT_K, "max": KSERVE_MAX_K}})
+
+
+@router.get("/models/{name}", response_model=ModelMetadata, responses={404: _ERROR})
+async def model_metadata(name: str, repository: RepositoryDep) -> ModelMetadata:
+    return _metadata(repository, _resolve(repository, name, None), None)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses={404: _ERROR})
+async def model_version_metadata(name: str, version: str, repository: RepositoryDep) -> ModelMetadata:
+    return _metadata(repository, _resolve(repository, name, version), version)
+
+
+def _ready(repository: ModelRepository, name: str, version: str | None) -> JSONResponse:
+    try:
+        lv = _resolve(repository, name, version)
+    except (ModelNotFoundError, VersionNotFoundError):
+        return JSONResponse({"name": name, "ready": False}, status_code=400)
+    return JSONResponse({"name": lv.name, "ready": True})
+
+
+@router.get("/models/{name}/ready", responses={400: {"description": "Not ready"}})
+async def model_ready(name: str, repository: RepositoryDep) -> JSONResponse:
+    return _ready(repository, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready", responses={400: {"description": "Not ready"}})
+async def model_version_ready(name: str, version: str, repository: RepositoryDep) -> JSONResponse:
+    return _ready(repository, name, version)
+
+
+# --- inference ------------------------------------------------------------------------------------
+
+
+def _split_body(request: Request, body: bytes) -> tuple[dict[str, Any], bytes]:
+    header = request.headers.get(HEADER_LENGTH)
+    if header is None:
+        json_part, binary = body, b""
+    else:
+        if not header.isdigit() or int(header) > len(body):
+            raise KServeInputError(f"{HEADER_LENGTH} {header!r} does not fit a body of {len(body)} bytes")
+        json_part, binary = body[: int(header)], body[int(header):]
+    try:
+        document = json.loads(json_part.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KServeInputError(f"the inference request header is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise KServeInputError("the inference request must be a JSON object")
+    return document, binary
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    for item in data:
+        out.extend(_flatten(item))
+    return out
+
+
+def _decode_bytes_tensor(raw: bytes, name: str) -> list[bytes]:
+    """The binary BYTES layout: each element a little-endian uint32 length, then its bytes."""
+    items, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise KServeInputError(f"input {name!r}: truncated BYTES element length")
+        (size,) = struct.unpack_from("<I", raw, at)
+        at += 4
+        if at + size > len(raw):
+            raise KServeInputError(f"input {name!r}: BYTES element longer than the data")
+        items.append(raw[at: at + size])
+        at += size
+    return items
+
+
+def _texts(request_doc: InferRequest, binary: bytes) -> list[str]:
+    """The texts of the single BYTES input, from JSON data or the binary section."""
+    if len(request_doc.inputs) != 1:
+        names = [t.name for t in request_doc.inputs]
+        raise KServeInputError(f"expected exactly one input (a BYTES tensor of texts), got {names}")
+    tensor = request_doc.inputs[0]
+    params = tensor.parameters or {}
+    if tensor.datatype != "BYTES":
+        raise KServeInputError(f"input {tensor.name!r} must have datatype BYTES, not {tensor.datatype}")
+    if not (len(tensor.shape) == 1 or (len(tensor.shape) == 2 and tensor.shape[1] == 1)) or tensor.shape[0] < 0:
+        raise KServeInputError(f"input {tensor.name!r} must have shape [N] or [N, 1], not {tensor.shape}")
+    if "shared_memory_region" in params:
+        raise KServeInputError("shared-memory tensors are not supported")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or size != len(binary):
+            raise KServeInputError(f"input {tensor.name!r}: binary_data_size {size} but {len(binary)} bytes follow")
+        raw_items = _decode_bytes_tensor(binary, tensor.name)
+        try:
+            texts = [item.decode("utf-8") for item in raw_items]
+        except UnicodeDecodeError:
+            raise KServeInputError(f"input {tensor.name!r}: texts must be UTF-8") from None
+    else:
+        if binary:
+            raise KServeInputError("binary data follows the header but no input declares binary_data_size")
+        if tensor.data is None:
+            raise KServeInputError(f"input {tensor.name!r} has no data")
+        texts = _flatten(tensor.data)
+        if not all(isinstance(t, str) for t in texts):
+            raise KServeInputError(f"input {tensor.name!r}: BYTES data must be strings")
+    if len(texts) != tensor.shape[0]:
+        raise KServeInputError(f"input {tensor.name!r}: shape {tensor.shape} but {len(texts)} elements")
+    return texts
+
+
+def _k(request_doc: InferRequest) -> int:
+    params = request_doc.parameters or {}
+    if params.get("sequence_id") not in (None, 0, ""):
+        raise KServeInputError("sequence requests are not supported; use the session API (/v1/sessions)")
+    k = params.get("k", KSERVE_DEFAULT_K)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= KSERVE_MAX_K:
+        raise KServeInputError(f"parameter k must be an integer between 1 and {KSERVE_MAX_K}")
+    return k
+
+
+def _wanted_outputs(request_doc: InferRequest) -> list[tuple[str, bool]]:
+    """``(name, binary)`` for each output to return, in order."""
+    default_binary = bool((request_doc.parameters or {}).get("binary_data_output", False))
+    if not request_doc.outputs:
+        return [(WORDS, default_binary), (PROBABILITIES, default_binary)]
+    wanted = []
+    for out in request_doc.outputs:
+        params = out.parameters or {}
+        if out.name not in (WORDS, PROBABILITIES):
+            raise KServeInputError(f"unknown output {out.name!r}; the outputs are {WORDS!r} and {PROBABILITIES!r}")
+        if params.get("classification"):
+            raise KServeInputError("classification outputs are not supported")
+        if "shared_memory_region" in params:
+            raise KServeInputError("shared-memory tensors are not supported")
+        wanted.append((out.name, bool(params.get("binary_data", default_binary))))
+    return wanted
+
+
+def _encode_bytes_tensor(values: list[str]) -> bytes:
+    parts = []
+    for value in values:
+        data = value.encode("utf-8")
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+async def _infer(request: Request, name: str, version: str | None, predictor: Predictor,
+                 settings: Settings) -> Response:
+    body = await request.body()
+    document, binary = _split_body(request, body)
+    try:
+        request_doc = InferRequest.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise KServeInputError(f"invalid inference request: {where}: {first.get('msg')}") from None
+    k = _k(request_doc)
+    wanted = _wanted_outputs(request_doc)
+    texts = _texts(request_doc, binary)
+    if len(texts) > settings.max_batch_items:
+        limit = settings.max_batch_items
+        raise KServeInputError(f"{len(texts)} texts; the limit is {limit} (NEXTWORD_MAX_BATCH_ITEMS)")
+    lv = _resolve(predictor.repository, name, version)
+    predictions = await predictor.predict_many(
+        [PredictQuery(t, k, lv.name, lv.version) for t in texts], item_field=request_doc.inputs[0].name
+    ) if texts else []
+    words = [[c.word for c in p.candidates] + [""] * (k - len(p.candidates)) for p in predictions]
+    probs = np.zeros((len(texts), k), dtype=np.float32)
+    for i, p in enumerate(predictions):
+        probs[i, : len(p.candidates)] = [c.probability for c in p.candidates]
+    flat_words = [w for row in words for w in row]
+    outputs: list[InferOutputTensor] = []
+    chunks: list[bytes] = []
+    for out_name, as_binary in wanted:
+        shape = [len(texts), k]
+        datatype = "BYTES" if out_name == WORDS else "FP32"
+        if as_binary:
+            raw = _encode_bytes_tensor(flat_words) if out_name == WORDS else probs.astype("<f4").tobytes()
+            chunks.append(raw)
+            outputs.append(InferOutputTensor(name=out_name, shape=shape, datatype=datatype,
+                                             parameters={"binary_data_size": len(raw)}))
+        else:
+            data = flat_words if out_name == WORDS else [float(x) for x in probs.reshape(-1)]
+            outputs.append(InferOutputTensor(name=out_name, shape=shape, datatype=datatype, data=data))
+    response = InferResponse(model_name=lv.name, model_version=str(lv.version), id=request_doc.id, outputs=outputs)
+    header = response.model_dump_json(exclude_none=True).encode("utf-8")
+    if not chunks:
+        return Response(header, media_type="application/json")
+    return Response(header + b"".join(chunks), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(header))})
+
+
+_INFER_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "An inference request (JSON), optionally followed by binary tensor data "
+        f"(then the {HEADER_LENGTH} header gives the JSON part's length).",
+        "content": {
+            "application/json": {"example": {
+                "id": "1", "parameters": {"k": 3},
+                "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["the quick ", "the qu"]}],
+            }},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": InferResponse, "description": "Inference response (binary tensors appended when requested)"},
+    400: _ERROR, 404: _ERROR, 413: _ERROR, 503: _ERROR, 504: _ERROR,
+}
+
+
+@router.post("/models/{name}/infer", openapi_extra=_INFER_DOC, responses=_INFER_RESPONSES)
+async def infer(name: str, request: Request, predictor: PredictorDep, settings: SettingsDep) -> Response:
+    """Top-k next words (or completions of the word being typed) for a batch of texts."""
+    return await _infer(request, name, None, predictor, settings)
+
+
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_DOC, responses=_INFER_RESPONSES)
+async def infer_version(name: str, version: str, request: Request, predictor: PredictorDep,
+                        settings: SettingsDep) -> Response:
+    return await _infer(request, name, version, predictor, settings)
