@@ -1,0 +1,215 @@
+"""Stateful sessions over HTTP (``/v1/sessions...``) and WebSocket (``/v1/sessions/.../stream``).
+
+WebSocket protocol (JSON text frames):
+
+* ``/v1/sessions/stream?model=&version=&k=&ttl_seconds=&text=`` creates a session; the first
+  message is ``{"type": "session", ...SessionInfo, "predictions": {...}}`` (the session_id to
+  reconnect with). ``/v1/sessions/{session_id}/stream`` continues one; its first message is
+  ``{"type": "session", ...SessionInfo}``.
+* The client sends ``{"seq": n, "text": "..."}`` and/or ``{"seq": n, "replace_pending": "..."}``
+  (optional ``k``); each is answered in order by ``{"type": "predictions", "seq": n, ...}``.
+* A bad message is answered ``{"type": "error", "seq": n|null, "status": <HTTP status>,
+  "error": {"type", "message", "field"}}`` (the HTTP error body) and the socket stays open. If the
+  session is gone (deleted, expired) the error is followed by close code 1008; a stream that
+  cannot start is closed after its error with 1008 (bad request, unknown session) or 1013 (try
+  again later: e.g. the session store is unreachable).
+* A socket idle for the session's TTL is closed with code 1000 and a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Response, WebSocket
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect
+
+from service.deps import SessionsDep
+from service.errors import CheckedRoute
+from service.protocol import ErrorResponse, WordProbability
+from service.protocol_sessions import (
+    SessionCreateRequest,
+    SessionInfo,
+    SessionPredictions,
+    SessionUpdateRequest,
+    StreamMessage,
+    StreamOpenQuery,
+)
+from service.sessions import SessionManager, SessionRecord, SessionResult
+from service.sessions.errors import (
+    SessionError,
+    SessionExpiredError,
+    SessionNotFoundError,
+    error_body,
+    validation_body,
+)
+
+log = logging.getLogger("service.sessions.stream")
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=CheckedRoute)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Malformed JSON or non-UTF-8 body"},
+    404: {"model": ErrorResponse, "description": "session_not_found, session_expired (recreate it), "
+          "model_not_found, version_not_found"},
+    409: {"model": ErrorResponse, "description": "session_busy: another update of the session held it too long"},
+    413: {"model": ErrorResponse, "description": "delta_too_long, text_too_long, payload_too_large"},
+    422: {"model": ErrorResponse, "description": "validation_error, invalid_session_id, invalid_input"},
+    503: {"model": ErrorResponse, "description": "session_store_unavailable (Redis down), queue_full, "
+          "no_model_loaded (see Retry-After)"},
+    504: {"model": ErrorResponse, "description": "Deadline exceeded while queued"},
+}
+
+IDLE_CLOSE = 1000
+SESSION_GONE_CLOSE = 1008
+TRY_AGAIN_LATER_CLOSE = 1013
+
+
+def info_of(record: SessionRecord) -> SessionInfo:
+    return SessionInfo(
+        session_id=record.id, model=record.model, version=record.version, committed_words=record.committed,
+        context_words=record.context, pending=record.pending, k=record.k, ttl_seconds=record.ttl,
+        created=record.created, last_used=record.last_used, expires_at=record.expires_at,
+    )
+
+
+def predictions_of(result: SessionResult) -> SessionPredictions:
+    record = result.record
+    return SessionPredictions(
+        session_id=record.id, model=record.model, version=record.version,
+        predictions=[WordProbability(word=c.word, probability=c.probability, log_prob=c.log_prob)
+                     for c in result.candidates],
+        prefix=result.prefix, prefix_probability=result.prefix_probability, matches=result.matches,
+        context_words=result.context_words, committed_words=record.committed, pending=record.pending,
+        rebuilt=result.rebuilt, expires_at=record.expires_at,
+    )
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+@router.post("", status_code=201, response_model=SessionPredictions, responses=_ERRORS)
+async def create_session(body: SessionCreateRequest, sessions: SessionsDep) -> SessionPredictions:
+    """Open a session (optionally with initial text) and predict the next word."""
+    result = await sessions.create(body.model, body.version, body.text, body.k, body.ttl_seconds)
+    return predictions_of(result)
+
+
+@router.post("/{session_id}/text", response_model=SessionPredictions, responses=_ERRORS)
+async def append_text(session_id: str, body: SessionUpdateRequest, sessions: SessionsDep) -> SessionPredictions:
+    """Append a text delta (and/or replace the uncommitted fragment) and predict the next word.
+
+    Only words followed by whitespace are committed to the recurrent state; the trailing fragment
+    stays pending (a prefix to complete) until whitespace or punctuation completes it."""
+    return predictions_of(await sessions.update(session_id, body.text, body.replace_pending, body.k))
+
+
+@router.get("/{session_id}", response_model=SessionInfo, responses=_ERRORS)
+async def get_session(session_id: str, sessions: SessionsDep) -> SessionInfo:
+    """Model, version, committed word count, pending fragment and timestamps (does not extend the TTL)."""
+    return info_of(await sessions.get(session_id))
+
+
+@router.delete("/{session_id}", status_code=204, response_class=Response, responses=_ERRORS)
+async def delete_session(session_id: str, sessions: SessionsDep) -> Response:
+    await sessions.delete(session_id)
+    return Response(status_code=204)
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+
+async def _send_error(websocket: WebSocket, exc: Exception, seq: int | None) -> int:
+    error = validation_body(exc) if isinstance(exc, ValidationError) else await error_body(exc, websocket.url.path)
+    await websocket.send_json({"type": "error", "seq": seq, "status": error.status, **error.body})
+    return error.status
+
+
+async def _refuse(websocket: WebSocket, exc: Exception) -> None:
+    """The stream cannot start: say why, then close (1008 for a client problem, 1013 "try again
+    later" when the service cannot serve it right now, e.g. Redis unreachable)."""
+    status = await _send_error(websocket, exc, None)
+    code = TRY_AGAIN_LATER_CLOSE if status >= 500 else SESSION_GONE_CLOSE
+    await websocket.close(code, reason=str(getattr(exc, "message", exc)).encode()[:120].decode(errors="ignore"))
+
+
+@router.websocket("/stream")
+async def stream_new_session(websocket: WebSocket) -> None:
+    await websocket.accept()
+    sessions: SessionManager = websocket.app.state.sessions
+    try:
+        query = StreamOpenQuery.model_validate(dict(websocket.query_params))
+        result = await sessions.create(query.model, query.version, query.text, query.k, query.ttl_seconds)
+    except Exception as exc:
+        await _refuse(websocket, exc)
+        return
+    info, predictions = info_of(result.record).model_dump(), predictions_of(result).model_dump()
+    await websocket.send_json({"type": "session", **info, "predictions": predictions})
+    await _serve(websocket, sessions, result.record)
+
+
+@router.websocket("/{session_id}/stream")
+async def stream_session(websocket: WebSocket, session_id: str) -> None:
+    await websocket.accept()
+    sessions: SessionManager = websocket.app.state.sessions
+    try:
+        record = await sessions.get(session_id)
+    except Exception as exc:
+        await _refuse(websocket, exc)
+        return
+    await websocket.send_json({"type": "session", **info_of(record).model_dump()})
+    await _serve(websocket, sessions, record)
+
+
+async def _serve(websocket: WebSocket, sessions: SessionManager, record: SessionRecord) -> None:
+    """Answer the socket's messages in order until it closes, idles past the TTL or the session goes."""
+    session_id, idle = record.id, record.ttl
+    try:
+        while True:
+            try:
+                message = await asyncio.wait_for(websocket.receive(), timeout=idle)
+            except TimeoutError:
+                await websocket.close(IDLE_CLOSE, reason=f"idle for {idle:g} s (the session TTL)")
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            seq: int | None = None
+            try:
+                text = message.get("text")
+                if text is None:
+                    raise _MessageError("binary frames are not supported: send JSON text messages")
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise _MessageError(f"message is not valid JSON: {exc.msg} at position {exc.pos}",
+                                        "invalid_json", 400) from None
+                if not isinstance(data, dict):
+                    raise _MessageError('a message must be a JSON object like {"seq": 1, "text": "the "}')
+                if isinstance(data.get("seq"), int) and not isinstance(data.get("seq"), bool):
+                    seq = data["seq"]
+                parsed = StreamMessage.model_validate(data)
+                result = await sessions.update(session_id, parsed.text, parsed.replace_pending, parsed.k,
+                                               transport="websocket")
+            except (SessionNotFoundError, SessionExpiredError) as exc:
+                await _send_error(websocket, exc, seq)
+                await websocket.close(SESSION_GONE_CLOSE, reason=exc.type)
+                return
+            except Exception as exc:
+                await _send_error(websocket, exc, seq)
+                continue
+            reply = predictions_of(result).model_dump()
+            await websocket.send_json({"type": "predictions", "seq": seq, **reply})
+    except WebSocketDisconnect:
+        return
+
+
+class _MessageError(SessionError):
+    """A socket message that is not a valid request (answered like the HTTP body errors)."""
+
+    def __init__(self, message: str, type_: str = "validation_error", status: int = 422) -> None:
+        super().__init__(message)
+        self.type = type_
+        self.status = status

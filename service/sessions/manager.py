@@ -1,0 +1,274 @@
+"""Stateful sessions, store-agnostic and HTTP-free: create, update with a text delta, read, delete.
+
+An update is exact and its cost independent of the history: the new raw text is the session's
+pending fragment plus the delta; ``split_text`` (chunk-local tokenization) says which words are
+now final (``committed``, w of them), which are complete but revisable (``tail``) and which
+fragment is being typed (``prefix``). From the stored lagged state two rows go to the version's
+batcher in ONE ``run_many`` call (so they share a batch with each other and with other sessions'
+rows):
+
+* the *advance* row (only when w >= 1): ``[last_id, w1 .. w(w-1)]``, ``want_state`` -> the new
+  lagged state, and ``w_w`` becomes ``last_id``;
+* the *read* row: ``[last_id, w1 .. ww, tail ...]`` -> log-probs, then ``select(..., prefix)``
+  exactly as stateless prediction does.
+
+So the predictions after any sequence of deltas equal ``POST /v1/predict`` on the concatenated text
+(as long as the text fits the stateless context budget ``NEXTWORD_CONTEXT_WORDS``; a session never
+truncates). Each update costs O(w + tail) recurrent steps.
+
+A session stays on the model version it was created with while that version is loaded. Once it
+is not, the next update rebuilds the state on the model's serving version from the stored last
+``NEXTWORD_SESSION_REBUILD_WORDS`` committed words (in the same single batched call: the rebuild
+words simply precede the delta's words, from the zero state and ``<eos>``), and reports
+``rebuilt``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from nextword.text import split_text
+from service import metrics
+from service.config import Settings
+from service.engine import Engine
+from service.engine.batcher import STEP, WorkItem
+from service.engine.errors import BatcherClosedError, VersionNotFoundError
+from service.engine.predictor import Candidate, select
+from service.engine.repository import LoadedVersion
+from service.sessions.errors import (
+    DeltaTooLongError,
+    InvalidSessionInputError,
+    PendingTooLongError,
+    SessionNotFoundError,
+    SessionStoreUnavailableError,
+)
+from service.sessions.memory import MemoryStore
+from service.sessions.redis_store import RedisStore
+from service.sessions.store import SessionRecord, SessionStore, check_session_id, new_session_id
+
+log = logging.getLogger("service.sessions")
+
+
+@dataclass
+class SessionResult:
+    """A session after a create/update, with the predictions for its text."""
+
+    record: SessionRecord
+    candidates: list[Candidate]
+    prefix: str
+    prefix_probability: float
+    matches: int
+    context_words: int  # words the model read: committed words in the state + the pending tail
+    rebuilt: bool
+
+
+def create_store(settings: Settings) -> SessionStore:
+    if settings.session_store == "memory":
+        return MemoryStore(settings.max_sessions, settings.session_lock_timeout_seconds)
+    # The lock lease outlives any legitimate update (queue deadline + store round trips); an update
+    # slower than that is refused at save time. It also bounds how long a session stays locked by a
+    # replica that died mid-update.
+    lease = settings.request_timeout_seconds + 2 * settings.session_store_timeout_seconds + 1.0
+    return RedisStore(
+        settings.session_store, settings.max_sessions, lock_timeout=settings.session_lock_timeout_seconds,
+        lock_lease=lease, timeout=settings.session_store_timeout_seconds,
+    )
+
+
+class SessionManager:
+    def __init__(self, engine: Engine, settings: Settings, store: SessionStore | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self._store = store
+        self._sweeper: asyncio.Task | None = None
+        self._stopping = asyncio.Event()  # replaced in start(): an Event belongs to one event loop
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> SessionStore:
+        if self._store is None:
+            raise RuntimeError("the session manager is not started")
+        return self._store
+
+    async def start(self) -> None:
+        if self._store is None:
+            self._store = create_store(self.settings)
+        await self._store.start()
+        self._stopping = asyncio.Event()
+        interval = self.settings.session_sweep_interval_seconds
+        if interval > 0 and self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(interval), name="session-sweeper")
+
+    async def close(self) -> None:
+        self._stopping.set()
+        if self._sweeper is not None:
+            # The stop flag ends the loop even if a cancellation gets lost inside a store call.
+            sweeper, self._sweeper = self._sweeper, None
+            _, pending = await asyncio.wait({sweeper}, timeout=2 * self.settings.session_store_timeout_seconds + 1)
+            if pending:
+                sweeper.cancel()
+                await asyncio.wait({sweeper}, timeout=1)
+        if self._store is not None:
+            await self._store.close()
+
+    async def _sweep_forever(self, interval: float) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            if self._stopping.is_set():
+                return
+            try:
+                await self.store.sweep()
+            except SessionStoreUnavailableError:
+                pass  # counted and logged by the store
+            except Exception:  # a sweep bug must not stop the sweeper
+                log.exception("session sweep failed")
+
+    # --- checks ---------------------------------------------------------------------------------
+
+    def ttl(self, ttl_seconds: float | None) -> float:
+        if ttl_seconds is None:
+            return self.settings.session_ttl_seconds
+        limit = self.settings.session_max_ttl_seconds
+        if not 1 <= ttl_seconds <= limit:
+            raise InvalidSessionInputError(
+                f"ttl_seconds must be between 1 and {limit:g} (NEXTWORD_SESSION_MAX_TTL_SECONDS)", "ttl_seconds"
+            )
+        return float(ttl_seconds)
+
+    def _check_delta(self, value: str | None, field: str) -> None:
+        if value is None:
+            return
+        limit = self.settings.max_delta_chars
+        if len(value) > limit:
+            raise DeltaTooLongError(len(value), limit, field)
+        self.engine.predictor.check_text(value, field)  # unpaired surrogates
+
+    # --- operations -----------------------------------------------------------------------------
+
+    async def create(
+        self, model: str | None = None, version: int | None = None, text: str = "", k: int = 5,
+        ttl_seconds: float | None = None,
+    ) -> SessionResult:
+        self.engine.predictor.check_text(text)
+        ttl = self.ttl(ttl_seconds)
+        lv = self.engine.repository.resolve(model, version)
+        now = time.time()
+        record = SessionRecord(
+            id=new_session_id(), model=lv.name, version=lv.version, created=now, last_used=now, ttl=ttl, k=k,
+            state=None, last_id=lv.eos_id,
+        )
+        result = await self._advance(record, text, k)
+        result.rebuilt = False  # nothing to rebuild from; a version swap during creation just moved it
+        record.last_used = time.time()
+        await self.store.create(record)
+        return result
+
+    async def update(
+        self, session_id: str, text: str | None = None, replace_pending: str | None = None, k: int | None = None,
+        transport: str = "http",
+    ) -> SessionResult:
+        """Append ``text`` to the session (after replacing its pending fragment with
+        ``replace_pending`` when given) and predict the next word."""
+        check_session_id(session_id)
+        if text is None and replace_pending is None:
+            raise InvalidSessionInputError("send text (a delta to append) and/or replace_pending", "text")
+        self._check_delta(text, "text")
+        self._check_delta(replace_pending, "replace_pending")
+        start = time.perf_counter()
+        try:
+            async with self.store.lock(session_id) as lock:
+                record = await self.store.load(session_id)
+                base = record.pending if replace_pending is None else replace_pending
+                result = await self._advance(record, base + (text or ""), k or record.k)
+                record.last_used = time.time()
+                await self.store.save(record, lock)
+                return result
+        finally:
+            metrics.SESSION_UPDATE_DURATION.labels(transport).observe(time.perf_counter() - start)
+
+    async def get(self, session_id: str) -> SessionRecord:
+        return await self.store.load(check_session_id(session_id))
+
+    async def delete(self, session_id: str) -> None:
+        if not await self.store.delete(check_session_id(session_id)):
+            # Known-but-gone ids answer session_expired; deleted or unknown ones session_not_found.
+            await self.store.load(session_id)
+            raise SessionNotFoundError(session_id)
+
+    # --- the model work -------------------------------------------------------------------------
+
+    def _version_for(self, record: SessionRecord) -> tuple[LoadedVersion, bool]:
+        """The session's own version if loaded and its state fits, else the serving one (rebuild)."""
+        repository = self.engine.repository
+        try:
+            lv = repository.resolve(record.model, record.version)
+        except VersionNotFoundError:
+            return repository.resolve(record.model), True
+        return lv, not _fits(lv, record)
+
+    async def _advance(self, record: SessionRecord, raw: str, k: int) -> SessionResult:
+        split = split_text(raw)
+        if len(split.pending) > self.settings.max_text_chars:
+            raise PendingTooLongError(len(split.pending), self.settings.max_text_chars)
+        for attempt in range(3):
+            lv, rebuilt = self._version_for(record)
+            if rebuilt:
+                base, state, last_id = list(record.recent_words), None, lv.eos_id
+            else:
+                base, state, last_id = [], record.state, record.last_id
+            words = base + split.committed
+            n = len(words)
+            ids = np.asarray(lv.vocab.encode(words + split.tail), dtype=np.int64)
+            head = np.asarray([last_id], dtype=np.int64)
+            read = WorkItem(np.concatenate([head, ids]), state=state, label=STEP)
+            items = [read]
+            if n:
+                advance = WorkItem(np.concatenate([head, ids[: n - 1]]), state=state, want_state=True,
+                                   want_log_probs=False, label=STEP)
+                items = [advance, read]
+            try:
+                outputs = await lv.batcher.run_many(items)
+            except BatcherClosedError:  # the version was unloaded in between: resolve again
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0)
+                continue
+            assert outputs[-1].log_probs is not None
+            candidates, top = select(lv, outputs[-1].log_probs, k, split.prefix)
+            if n:
+                record.state, record.last_id = outputs[0].next_state, int(ids[n - 1])
+            elif rebuilt:
+                record.state, record.last_id = None, lv.eos_id
+            if rebuilt:
+                log.info("session rebuilt on %s v%d from %d recent words (was v%d)", lv.name, lv.version,
+                         len(base), record.version)
+                record.version, record.context = lv.version, len(base)
+            record.context += len(split.committed)
+            record.committed += len(split.committed)
+            keep = self.settings.session_rebuild_words
+            record.recent_words = (record.recent_words + split.committed)[-keep:]
+            record.pending = split.pending
+            return SessionResult(
+                record=record, candidates=candidates, prefix=split.prefix, prefix_probability=top.mass,
+                matches=top.matches, context_words=record.context + len(split.tail), rebuilt=rebuilt,
+            )
+        raise AssertionError("unreachable")
+
+
+def _fits(lv: LoadedVersion, record: SessionRecord) -> bool:
+    """Whether the stored state can run on this version (a version rewritten in place may differ)."""
+    if not 0 <= record.last_id < lv.card.vocab_size:
+        return False
+    if record.state is None:
+        return True
+    shape = (lv.card.num_layers, lv.card.hidden_size)
+    names = list(lv.card.state_names)
+    return sorted(record.state) == sorted(names) and all(tuple(record.state[n].shape) == shape for n in names)

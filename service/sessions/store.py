@@ -1,0 +1,137 @@
+"""What a session is, and the small interface a session store implements.
+
+A session holds everything needed to continue the text without re-reading it:
+
+* ``state`` is the *lagged* recurrent state: the state after every committed token except the
+  last one (``None`` for the zero state), and ``last_id`` is that last committed token (``<eos>``
+  for a fresh session, whose model input then starts ``[<eos>, ...]`` from the zero state exactly
+  like stateless prediction). Keeping the last token out of the state lets one delta run two rows
+  from the same stored state in one batch: one that advances the state over the newly committed
+  words (minus their last) and one that reads everything up to the word being typed.
+* ``pending`` is the raw last chunk of the text when no whitespace follows it yet (its words may
+  still change, so they are never committed), ``committed`` the count of committed words,
+  ``context`` how many of them the state has read (fewer after a rebuild), and ``recent_words``
+  the last ``NEXTWORD_SESSION_REBUILD_WORDS`` committed words, enough to rebuild the state on
+  another model version.
+
+Stores keep records (memory: the objects; Redis: a hash of compact JSON metadata plus the state as
+raw float32 bytes), enforce the TTL, bound their size, remember recently gone ids (so a client is
+told its session *expired* rather than never existed) and serialise updates of one session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from service.sessions.errors import InvalidSessionIdError, SessionBusyError
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(24)  # 32 characters, 192 random bits
+
+
+def check_session_id(session_id: str) -> str:
+    """Validate an id before it goes anywhere near a store key."""
+    if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
+        raise InvalidSessionIdError()
+    return session_id
+
+
+@dataclass
+class SessionRecord:
+    id: str
+    model: str
+    version: int
+    created: float
+    last_used: float
+    ttl: float
+    k: int = 5
+    pending: str = ""
+    committed: int = 0
+    context: int = 0
+    recent_words: list[str] = field(default_factory=list)
+    state: dict[str, np.ndarray] | None = None
+    last_id: int = 0
+
+    @property
+    def expires_at(self) -> float:
+        return self.last_used + self.ttl
+
+    def copy(self) -> SessionRecord:
+        """A copy safe to modify: the state arrays are replaced on update, never written in place."""
+        return dataclasses.replace(
+            self, recent_words=list(self.recent_words), state=dict(self.state) if self.state is not None else None
+        )
+
+
+class SessionStore(Protocol):
+    """Where sessions live. ``name`` is the metrics ``store`` label (``memory``/``redis``)."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create(self, record: SessionRecord) -> None:
+        """Store a new session (evicting another when the store is full)."""
+
+    async def load(self, session_id: str) -> SessionRecord:
+        """The session, or SessionNotFoundError / SessionExpiredError."""
+
+    async def save(self, record: SessionRecord, lock: object) -> None:
+        """Write an updated session back, under the lock taken by :meth:`lock`. Raises
+        SessionNotFoundError if it was deleted meanwhile (the update is dropped)."""
+
+    async def delete(self, session_id: str) -> bool:
+        """Remove a session; False when there was none."""
+
+    def lock(self, session_id: str) -> AbstractAsyncContextManager[object]:
+        """Serialise updates of one session (across replicas for a shared store)."""
+
+    async def sweep(self) -> None:
+        """Reap expired sessions and refresh the active-sessions gauge."""
+
+
+class KeyedLocks:
+    """One asyncio lock per session id, alive only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str, timeout: float) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            try:
+                async with asyncio.timeout(timeout):  # a free lock is taken without suspending
+                    await lock.acquire()
+            except TimeoutError:
+                raise SessionBusyError(key, timeout) from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
