@@ -1,0 +1,112 @@
+"""The results table (Markdown, printed and put into the README) and the JSON file."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Row
+
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+SECTION_TITLES = {
+    "runtime": "1 runtime", "roofline": "2 roofline", "http": "3 batching", "overhead": "4 overhead",
+    "sessions": "5 sessions", "prompt": "6 prompt", "training": "7 training", "error": "error",
+}
+
+
+def _status(row: Row) -> str:
+    if row.met is None:
+        return "n/a" if row.target and row.value is None else ""
+    return "✅" if row.met else "❌"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _value(row: Row) -> str:
+    if row.display is not None:
+        return row.display
+    if row.value is None:
+        return "—"
+    return f"{row.value:.3g} {row.unit}".strip()
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| section | measurement | result | target | | limited by / note |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(x) for x in (
+            SECTION_TITLES.get(row.section, row.section), row.name, _value(row), row.target or "", _status(row),
+            row.note)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def summary_text(meta: dict[str, Any]) -> str:
+    m, model = meta["machine"], meta["model"]
+    simd = "AVX-512" if m.get("avx512") else "AVX2" if m.get("avx2") else "no AVX2"
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+    threads = f"{meta['threads']} thread{'s' if meta['threads'] != 1 else ''}"
+    before = m.get("busy_before_start")
+    busy = (f" Other work kept {before:.0%} of the CPUs busy just before the run: its figures are pessimistic."
+            if before is not None and before > 0.25 else "")
+    return (
+        f"Measured by `{meta['command']}` on {meta['started']} ({meta['duration_s']:.0f} s): {m['cpu']} "
+        f"({m['cores']} cores, {simd}); {versions}. Model `{model['path']}`: {model['cell']}, "
+        f"{model['num_layers']} layers, E={model['embedding_size']}, H={model['hidden_size']}, "
+        f"V={model['vocab_size']:,}, {'tied' if model['tied'] else 'untied'}, {model['weights_dtype']} weights. "
+        f"{threads} for torch, onnxruntime and the service's intra-op pool. Every ratio compares "
+        f"two figures measured in this run on the same weights; each figure is a median over repeats after "
+        f"warm-up. Full results: `{meta['json']}`.{busy}\n"
+    )
+
+
+def render(meta: dict[str, Any], rows: list[Row]) -> str:
+    targets = [r for r in rows if r.met is not None]
+    met = sum(1 for r in targets if r.met)
+    tail = f"\n{met} of {len(targets)} targets met.\n" if targets else ""
+    return summary_text(meta) + "\n" + markdown_table(rows) + tail
+
+
+def replace_between_markers(text: str, block: str) -> str:
+    """``text`` with everything between the bench markers replaced by ``block``."""
+    pattern = re.compile(re.escape(MARK_START) + r".*?" + re.escape(MARK_END), re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError(f"no {MARK_START} ... {MARK_END} markers found")
+    return pattern.sub(lambda _: f"{MARK_START}\n{block}{MARK_END}", text, count=1)
+
+
+def write_json(path: Path, meta: dict[str, Any], rows: list[Row], errors: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {**meta, "rows": [r.to_dict() for r in rows], "errors": errors}
+    path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)

@@ -1,0 +1,147 @@
+"""The benchmark suite's building blocks (no timing assertions): rebuilding the torch model from an
+exported artifact (``training.from_onnx``), the FLOP count, the README marker replacement, the
+metrics parsing, and a ``--quick --only runtime`` smoke run on a tiny exported model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from nextword import artifact as A  # noqa: E402
+from nextword.text import SPECIAL_TOKENS  # noqa: E402
+from nextword.vocab import Vocab  # noqa: E402
+from training.export import export_model  # noqa: E402
+from training.from_onnx import FromOnnxError, torch_model_from_artifact  # noqa: E402
+from training.model import LanguageModel, ModelConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+V = 50
+
+
+def _vocab() -> Vocab:
+    return Vocab([*SPECIAL_TOKENS, *(f"w{i}" for i in range(V - 2))])
+
+
+def _export(tmp_path: Path, cell: str = "lstm", *, tied: bool = True, emb: int = 8, hidden: int = 12,
+            zoneout: float = 0.0, weights_dtype: str = "float32", quantize: str | None = None,
+            name: str = "tiny") -> tuple[LanguageModel, Path]:
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=V, cell=cell, embedding_size=emb, hidden_size=hidden,
+                                      num_layers=2, tied=tied, zoneout=zoneout))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    path = export_model(model.eval(), _vocab(), tmp_path / "models", name, 1, weights_dtype=weights_dtype,
+                        quantize=quantize)
+    return model.eval(), path
+
+
+def _ort_log_probs(path: Path, tokens: np.ndarray, lengths: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
+    sess = ort.InferenceSession(str(path / A.PREDICT_GRAPH), providers=["CPUExecutionProvider"])
+    feeds = {A.TOKENS: tokens, A.LENGTHS: lengths, **{A.state_input(k): v for k, v in state.items()}}
+    return sess.run([A.LOG_PROBS], feeds)[0]
+
+
+@pytest.mark.parametrize(
+    ("cell", "tied", "emb", "hidden", "dtype"),
+    [
+        ("lstm", True, 12, 12, "float16"),  # the default model's shape: tied, E == H, half-size storage
+        ("lstm", True, 8, 12, "float32"),  # tied with a projection
+        ("lstm", False, 8, 12, "float32"),
+        ("gru", False, 8, 12, "float16"),
+        ("gru", True, 12, 12, "float32"),
+        ("rnn", True, 8, 12, "float32"),
+        ("peephole", False, 8, 12, "float32"),
+        ("cifg", True, 8, 12, "float16"),
+    ],
+)
+def test_from_onnx_reproduces_the_exported_model(tmp_path: Path, cell, tied, emb, hidden, dtype) -> None:
+    original, path = _export(tmp_path, cell, tied=tied, emb=emb, hidden=hidden, weights_dtype=dtype)
+    rebuilt = torch_model_from_artifact(path)
+    assert not rebuilt.training
+    assert rebuilt.cfg.cell == cell and rebuilt.cfg.tied == tied
+    if tied:
+        assert rebuilt.decoder.weight is rebuilt.embedding.weight
+
+    rng = np.random.default_rng(0)
+    lengths = np.array([5, 1, 3], np.int64)
+    tokens = rng.integers(0, V, size=(3, 5)).astype(np.int64)
+    state = {s: rng.normal(0, 0.5, size=(2, 3, hidden)).astype(np.float32) for s in rebuilt.cfg.state_names}
+    expected = _ort_log_probs(path, tokens, lengths, state)
+    for row, n in enumerate(lengths):
+        row_state = tuple(torch.from_numpy(state[s][:, row : row + 1].copy()) for s in rebuilt.cfg.state_names)
+        with torch.inference_mode():
+            lp, _ = rebuilt(torch.from_numpy(tokens[row : row + 1, :n]), row_state)
+        np.testing.assert_allclose(lp[0, -1].numpy(), expected[row], atol=1e-4, rtol=0)
+
+    # float32 storage gives back the very weights that were exported; float16 their rounding.
+    ref = original.state_dict()
+    for key, value in rebuilt.state_dict().items():
+        want = ref[key].half().float() if dtype == "float16" else ref[key]
+        torch.testing.assert_close(value, want, atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize(("cell", "zoneout"), [("highway", 0.0), ("lstm", 0.25)])
+def test_from_onnx_refuses_unsupported_cells(tmp_path: Path, cell: str, zoneout: float) -> None:
+    _, path = _export(tmp_path, cell, zoneout=zoneout)
+    with pytest.raises(FromOnnxError, match="supported"):
+        torch_model_from_artifact(path)
+
+
+def test_flop_count_and_readme_markers(tmp_path: Path) -> None:
+    from benchmarks.report import replace_between_markers
+    from benchmarks.runtime import step_flops
+
+    card = A.ModelCard(name="m", version=1, cell="lstm", num_layers=2, embedding_size=400, hidden_size=400,
+                       vocab_size=17977, state_names=["h", "c"], graphs={"predict": "predict.onnx"}, tied=True)
+    flops = step_flops(card)
+    assert flops["recurrent"] == 2 * (2 * 4 * 400 * (400 + 400))
+    assert flops["decoder"] == 2 * 400 * 17977
+    readme = "intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\noutro\n"
+    out = replace_between_markers(readme, "NEW TABLE\n")
+    assert out == "intro\n<!-- bench:start -->\nNEW TABLE\n<!-- bench:end -->\noutro\n"
+    with pytest.raises(ValueError, match="markers"):
+        replace_between_markers("no markers here", "x")
+
+
+def test_metrics_histogram_parsing() -> None:
+    from benchmarks.server import histogram_totals
+
+    text = (
+        '# HELP nextword_batch_size Rows per onnxruntime call.\n'
+        'nextword_batch_size_bucket{le="1.0",model="tiny"} 3.0\n'
+        'nextword_batch_size_count{model="tiny"} 5.0\n'
+        'nextword_batch_size_sum{model="tiny"} 42.0\n'
+        'nextword_batch_size_count{model="other"} 7.0\n'
+        'nextword_batch_size_sum{model="other"} 9.0\n'
+    )
+    assert histogram_totals(text, "nextword_batch_size", {"model": "tiny"}) == (42.0, 5.0)
+    assert histogram_totals(text, "nextword_batch_size") == (51.0, 12.0)
+
+
+@pytest.mark.slow
+def test_quick_runtime_benchmark_smoke(tmp_path: Path) -> None:
+    _, path = _export(tmp_path, "lstm", emb=16, hidden=16, quantize="int8")
+    out = tmp_path / "results.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "runtime", "--model", str(path),
+         "--out", str(out), "--threads", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("python -m benchmarks")
+    names = {row["name"] for row in data["rows"]}
+    assert any("batch 1" in n for n in names) and any("int8" in n for n in names)
+    assert all(row["section"] in ("runtime", "roofline") for row in data["rows"])
+    assert "| " in proc.stdout  # the table was printed
