@@ -32,6 +32,10 @@ class Settings(BaseSettings):
         "auto", description="cuda needs onnxruntime-gpu and a GPU (else start-up fails); auto falls back to CPU."
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0 = its default).")
+    intra_op_spinning: bool = Field(
+        False, description="Let onnxruntime's idle worker threads spin between batches: lower latency on a dedicated "
+        "machine, but the spinning takes CPU from the HTTP event loop on a small one."
+    )
 
     # --- dynamic batching ---------------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, description="Most rows coalesced into one onnxruntime call.")

@@ -288,7 +288,9 @@ class ModelRepository:
         specials = card.special_tokens
         if specials.get("unk") != UNK or specials.get("eos") != EOS:
             raise ModelLoadError(f"unsupported special tokens {specials}")
-        runtime = ModelRuntime.load(path, card, self.device, self.settings.intra_op_threads)
+        runtime = ModelRuntime.load(
+            path, card, self.device, self.settings.intra_op_threads, self.settings.intra_op_spinning
+        )
         self_check(runtime, vocab)
         if runtime.device_note:
             log.warning("%s v%s: %s", name, version, runtime.device_note)

@@ -100,11 +100,13 @@ class ModelRuntime:
 
     @classmethod
     def load(
-        cls, directory: str | Path, card: A.ModelCard, choice: DeviceChoice, intra_op_threads: int = 0
+        cls, directory: str | Path, card: A.ModelCard, choice: DeviceChoice, intra_op_threads: int = 0,
+        spinning: bool = False,
     ) -> ModelRuntime:
         directory = Path(directory)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         # One batch at a time per version: a parallel inter-op pool would only add threads.
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
