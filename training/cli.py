@@ -221,6 +221,18 @@ def cmd_export(args: argparse.Namespace) -> int:
             metrics[split] = evaluate_artifact(target, _corpus_split(args, split), threads=args.threads)
             if args.ngram_order:
                 metrics[f"{split}_kn{args.ngram_order}"] = _ngram(args)[split]
+        if "predict_int8" in card.graphs:
+            # The int8 graph has no score graph: compare it with the float graph position by position.
+            from training.evaluate import evaluate_predict_graph
+
+            valid = _corpus_split(args, "valid")
+            card.export["int8_accuracy"] = {
+                "positions": 2048,
+                "window": 32,
+                "split": "valid",
+                "fp32": evaluate_predict_graph(target, card.graphs["predict"], valid),
+                "int8": evaluate_predict_graph(target, card.graphs["predict_int8"], valid),
+            }
         if args.ngram_order:
             metrics["test_ppl_ratio_vs_kn"] = metrics["test"]["ppl"] / metrics[f"test_kn{args.ngram_order}"]["ppl"]
         card.metrics = metrics

@@ -46,3 +46,37 @@ def evaluate_artifact(
         metrics.add(lp[0], ranks[0])
         state = {A.state_input(s): v for s, v in zip(card.state_names, new, strict=True)}
     return metrics.result()
+
+
+def evaluate_predict_graph(
+    model_dir: str | Path, graph: str, words: list[str], positions: int = 2048, window: int = 32, batch: int = 64
+) -> dict[str, float]:
+    """Metrics of a *predict* graph (e.g. the int8 one, which has no score graph) on the first
+    ``positions`` positions of ``words``: each position reads the ``window`` words before it from
+    the zero state, in batches of right-padded rows. Compare graphs with the same arguments."""
+    model_dir = Path(model_dir)
+    card, vocab = load_artifact(model_dir)
+    sess = ort.InferenceSession(str(model_dir / graph), providers=["CPUExecutionProvider"])
+    ids = np.asarray(vocab.encode(words[: positions + 1]), dtype=np.int64)
+    metrics = StreamMetrics()
+    targets = range(1, len(ids))
+    for start in range(0, len(targets), batch):
+        rows = list(targets[start : start + batch])
+        tokens = np.zeros((len(rows), window), np.int64)
+        lengths = np.zeros(len(rows), np.int64)
+        for r, t in enumerate(rows):
+            context = ids[max(0, t - window) : t]
+            tokens[r, : len(context)] = context
+            lengths[r] = len(context)
+        feeds = {A.TOKENS: tokens, A.LENGTHS: lengths}
+        feeds.update(
+            {
+                A.state_input(s): np.zeros((card.num_layers, len(rows), card.hidden_size), np.float32)
+                for s in card.state_names
+            }
+        )
+        log_probs = sess.run([A.LOG_PROBS], feeds)[0]
+        gold = ids[rows]
+        target_lp = log_probs[np.arange(len(rows)), gold]
+        metrics.add(target_lp, (log_probs > target_lp[:, None]).sum(-1))
+    return metrics.result()
