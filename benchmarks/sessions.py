@@ -23,6 +23,9 @@ from typing import Any
 from benchmarks.common import Context, Row, at_least, at_most, log, unavailable
 from benchmarks.server import tokens_fed
 from benchmarks.texts import WORDS, long_text
+from service.config import Settings
+
+_DEFAULT_DELAY_MS = str(Settings.model_fields["max_queue_delay_ms"].default)
 
 TARGET_FLAT, TARGET_VS_STATELESS = 1.25, 20.0
 SHORT, LONG = 10, 2000
@@ -53,8 +56,9 @@ class _Client:
         if response.status_code == 422:  # a create that takes no model fields
             response = self.http.post("/v1/sessions", json={})
         if response.status_code in (404, 405):
-            raise SessionsUnavailable(f"POST /v1/sessions answers {response.status_code}: the service has no "
-                                      "sessions API yet")
+            raise SessionsUnavailable(
+                f"POST /v1/sessions answers {response.status_code}: the service has no sessions API yet"
+            )
         if response.status_code >= 400:
             raise SessionsUnavailable(f"POST /v1/sessions answers {response.status_code}: {response.text[:200]}")
         data = response.json()
@@ -67,8 +71,9 @@ class _Client:
     def append(self, sid: str, text: str) -> None:
         response = self.http.post(f"/v1/sessions/{sid}/text", json={"text": text})
         if response.status_code >= 400:
-            raise SessionsUnavailable(f"POST /v1/sessions/{{id}}/text answers {response.status_code}: "
-                                      f"{response.text[:200]}")
+            raise SessionsUnavailable(
+                f"POST /v1/sessions/{{id}}/text answers {response.status_code}: {response.text[:200]}"
+            )
 
     def commit(self, sid: str, words: list[str]) -> None:
         for i in range(0, len(words), CHUNK_WORDS):
@@ -102,8 +107,9 @@ class _Stream:
         self.ws.close()
 
 
-def _alternate(fns: dict[str, Callable[[str], None]], n: int, warmup: int = 3,
-               tokens: Callable[[], float] | None = None) -> dict[str, float]:
+def _alternate(
+    fns: dict[str, Callable[[str], None]], n: int, warmup: int = 3, tokens: Callable[[], float] | None = None
+) -> dict[str, float]:
     """Median ms of ``n`` calls of each function, alternating; each call appends the next passage
     word. With ``tokens`` (a counter of tokens the model read), ``"tokens"`` is the count per timed call."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
@@ -135,29 +141,49 @@ def _stateless_ms(client: _Client, text: str, n: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _pair_rows(transport: str, short_ms: float, long_ms: float, stateless_ms: float, tokens: float,
-               delay_ms: float) -> list[Row]:
+def _pair_rows(
+    transport: str, short_ms: float, long_ms: float, stateless_ms: float, tokens: float, delay_ms: float
+) -> list[Row]:
     """``tokens``: tokens the model read per timed update (from ``nextword_tokens_total``);
     ``delay_ms``: the batcher's wait for companions, which a lone update pays in full."""
     flat = long_ms / short_ms
     speedup = stateless_ms / long_ms
     fed = f"the model read {tokens:.1f} tokens per update"
-    rereads = (f"{fed}: the update re-reads committed text" if tokens > 10 else
-               f"{fed} (the state is reused), so the difference is not model work: store/serialisation or noise")
+    rereads = (
+        f"{fed}: the update re-reads committed text"
+        if tokens > 10
+        else f"{fed} (the state is reused), so the difference is not model work: store/serialisation or noise"
+    )
     return [
-        Row("sessions", f"{transport} one-word update after {SHORT} words", short_ms, "ms",
-            display=f"{short_ms:.2f} ms"),
-        Row("sessions", f"{transport} one-word update after {LONG:,} words", long_ms, "ms",
-            display=f"{long_ms:.2f} ms"),
-        Row("sessions", f"{transport} update cost, {LONG:,} vs {SHORT} words", flat, "×",
-            target=f"≤ {TARGET_FLAT:g}×", met=at_most(flat, TARGET_FLAT), display=f"{flat:.2f}×",
-            note="" if flat <= TARGET_FLAT else rereads),
-        Row("sessions", f"stateless /v1/predict on {LONG:,} words vs {transport} session update", speedup, "×",
-            target=f"≥ {TARGET_VS_STATELESS:g}×", met=at_least(speedup, TARGET_VS_STATELESS),
+        Row(
+            "sessions", f"{transport} one-word update after {SHORT} words", short_ms, "ms", display=f"{short_ms:.2f} ms"
+        ),
+        Row(
+            "sessions", f"{transport} one-word update after {LONG:,} words", long_ms, "ms", display=f"{long_ms:.2f} ms"
+        ),
+        Row(
+            "sessions",
+            f"{transport} update cost, {LONG:,} vs {SHORT} words",
+            flat,
+            "×",
+            target=f"≤ {TARGET_FLAT:g}×",
+            met=at_most(flat, TARGET_FLAT),
+            display=f"{flat:.2f}×",
+            note="" if flat <= TARGET_FLAT else rereads,
+        ),
+        Row(
+            "sessions",
+            f"stateless /v1/predict on {LONG:,} words vs {transport} session update",
+            speedup,
+            "×",
+            target=f"≥ {TARGET_VS_STATELESS:g}×",
+            met=at_least(speedup, TARGET_VS_STATELESS),
             display=f"{speedup:.1f}× ({stateless_ms:.1f} vs {long_ms:.2f} ms)",
-            note="" if speedup >= TARGET_VS_STATELESS else
-            f"{fed}; the update's fixed cost dominates: the batcher's {delay_ms:g} ms wait for companions "
-            "(NEXTWORD_MAX_QUEUE_DELAY_MS), framing, JSON, the store and top-k over V"),
+            note=""
+            if speedup >= TARGET_VS_STATELESS
+            else f"{fed}; the update's fixed cost dominates: the batcher's {delay_ms:g} ms wait for companions "
+            "(NEXTWORD_MAX_QUEUE_DELAY_MS), framing, JSON, the store and top-k over V",
+        ),
     ]
 
 
@@ -171,7 +197,7 @@ def run_sessions(ctx: Context) -> list[Row]:
     def fed() -> float:
         return tokens_fed(service.url, card.name)
 
-    delay = float(service.env.get("NEXTWORD_MAX_QUEUE_DELAY_MS", "2"))
+    delay = float(service.env.get("NEXTWORD_MAX_QUEUE_DELAY_MS", _DEFAULT_DELAY_MS))
     words_long = long_text(LONG).split()
     words_short = words_long[:SHORT]
     try:
@@ -180,16 +206,24 @@ def run_sessions(ctx: Context) -> list[Row]:
             short, long = client.create(), client.create()
             client.commit(short, words_short)
             client.commit(long, words_long)
-            http = _alternate({"short": lambda w: client.append(short, w), "long": lambda w: client.append(long, w)}, n,
-                              tokens=fed)
+            http = _alternate(
+                {"short": lambda w: client.append(short, w), "long": lambda w: client.append(long, w)}, n, tokens=fed
+            )
             stateless = _stateless_ms(client, long_text(LONG), ctx.pick(10, 2))
             rows += _pair_rows("HTTP", http["short"], http["long"], stateless, http["tokens"], delay)
             ctx.shared["sessions_http_long_ms"] = http["long"]
         except SessionsUnavailable as exc:
-            rows += [unavailable("sessions", f"HTTP one-word update, {LONG:,} vs {SHORT} words", str(exc),
-                                 f"≤ {TARGET_FLAT:g}×"),
-                     unavailable("sessions", f"stateless /v1/predict on {LONG:,} words vs HTTP session update",
-                                 str(exc), f"≥ {TARGET_VS_STATELESS:g}×")]
+            rows += [
+                unavailable(
+                    "sessions", f"HTTP one-word update, {LONG:,} vs {SHORT} words", str(exc), f"≤ {TARGET_FLAT:g}×"
+                ),
+                unavailable(
+                    "sessions",
+                    f"stateless /v1/predict on {LONG:,} words vs HTTP session update",
+                    str(exc),
+                    f"≥ {TARGET_VS_STATELESS:g}×",
+                ),
+            ]
             stateless = None
         try:
             log("sessions: WebSocket updates")
@@ -206,10 +240,17 @@ def run_sessions(ctx: Context) -> list[Row]:
                 stateless = _stateless_ms(client, long_text(LONG), ctx.pick(10, 2))
             rows += _pair_rows("WebSocket", ws["short"], ws["long"], stateless, ws["tokens"], delay)
         except SessionsUnavailable as exc:
-            rows += [unavailable("sessions", f"WebSocket one-word update, {LONG:,} vs {SHORT} words", str(exc),
-                                 f"≤ {TARGET_FLAT:g}×"),
-                     unavailable("sessions", f"stateless /v1/predict on {LONG:,} words vs WebSocket session update",
-                                 str(exc), f"≥ {TARGET_VS_STATELESS:g}×")]
+            rows += [
+                unavailable(
+                    "sessions", f"WebSocket one-word update, {LONG:,} vs {SHORT} words", str(exc), f"≤ {TARGET_FLAT:g}×"
+                ),
+                unavailable(
+                    "sessions",
+                    f"stateless /v1/predict on {LONG:,} words vs WebSocket session update",
+                    str(exc),
+                    f"≥ {TARGET_VS_STATELESS:g}×",
+                ),
+            ]
         rows.append(_redis_row(ctx, client, words_long, n))
     finally:
         client.close()
@@ -233,8 +274,9 @@ def _redis_row(ctx: Context, memory: _Client, words_long: list[str], n: int) -> 
         mem_sid, redis_sid = memory.create(), client.create()
         memory.commit(mem_sid, words_long)
         client.commit(redis_sid, words_long)
-        t = _alternate({"memory": lambda w: memory.append(mem_sid, w), "redis": lambda w: client.append(redis_sid, w)},
-                       n)
+        t = _alternate(
+            {"memory": lambda w: memory.append(mem_sid, w), "redis": lambda w: client.append(redis_sid, w)}, n
+        )
     except SessionsUnavailable as exc:
         return unavailable("sessions", name, str(exc))
     finally:
@@ -242,5 +284,11 @@ def _redis_row(ctx: Context, memory: _Client, words_long: list[str], n: int) -> 
         ctx.servers.release("redis")
     ratio = t["redis"] / t["memory"]
     details: dict[str, Any] = {"redis_ms": t["redis"], "memory_ms": t["memory"], "store": redis.url}
-    return Row("sessions", name, ratio, "×", display=f"{ratio:.2f}× ({t['redis']:.2f} vs {t['memory']:.2f} ms)",
-               details=details)
+    return Row(
+        "sessions",
+        name,
+        ratio,
+        "×",
+        display=f"{ratio:.2f}× ({t['redis']:.2f} vs {t['memory']:.2f} ms)",
+        details=details,
+    )
