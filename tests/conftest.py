@@ -17,9 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from processes import Process, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,34 +163,12 @@ def reference(model_repository: Path) -> Reference:
 # --------------------------------------------------------------------------- real uvicorn servers
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class Server(Process):
+    """A uvicorn process and the base URL it serves."""
 
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log_path: Path
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=timeout)
+    def __init__(self, url: str, name: str, argv: list[str], log_dir: Path, **kwargs: Any) -> None:
+        super().__init__(name, argv, log_dir, **kwargs)
+        self.url = url
 
 
 def _start_server(repository: Path, log_dir: Path, env: dict[str, str] | None = None,
@@ -220,14 +196,8 @@ def _start_server(repository: Path, log_dir: Path, env: dict[str, str] | None = 
     else:
         argv = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port),
                 "--log-level", "warning", "--no-access-log"]
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"uvicorn-{port}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv, env=full_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    server = Server(f"http://127.0.0.1:{port}", f"uvicorn-{port}", argv, log_dir, env=full_env, cwd=ROOT)
+    proc = server.proc
     probe = "/readyz" if ready else "/healthz"
     deadline = time.monotonic() + timeout
     while True:

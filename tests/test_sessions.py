@@ -7,12 +7,9 @@ compact state, TTL in Redis, cross-app locking, Redis stopping and coming back."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +21,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from processes import REDIS_SERVER, RedisServer
 from prometheus_client import REGISTRY
 from starlette.websockets import WebSocketDisconnect
 
@@ -37,7 +35,6 @@ from service.sessions.errors import SessionBusyError, SessionExpiredError, Sessi
 pytestmark = pytest.mark.timeout(300)
 
 ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None,
                                  reason="redis-server is not installed (apt install redis-server)")
 
@@ -521,52 +518,6 @@ def test_session_metrics_and_openapi(client: TestClient) -> None:
 
 
 # --------------------------------------------------------------------------- Redis
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A throwaway ``redis-server`` on a loopback port, no persistence; stoppable and restartable."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = _free_port()
-        self.directory = directory
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        assert REDIS_SERVER is not None
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return self
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-    def client(self) -> Any:
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port)
 
 
 @pytest.fixture
