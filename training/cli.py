@@ -184,7 +184,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     run = Path(args.run)
     ckpt_path = run / "best.pt"
     if not ckpt_path.exists():
-        raise SystemExit(f"error: {ckpt_path} does not exist (train with --out {run} first)")
+        from training.train import CheckpointError
+
+        raise CheckpointError(f"{ckpt_path} does not exist (train with --out {run} first)")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     model = LanguageModel(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
@@ -363,23 +365,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors about the user's input (paths, corpora, checkpoints, artifacts): one line, exit 2.
+    Imported late so ``--help`` does not load torch."""
+    from nextword.artifact import ArtifactError
+    from training.export import ExportError
+    from training.train import CheckpointError
+
+    return CorpusError, CheckpointError, ArtifactError, ExportError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CorpusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:
-        from nextword.artifact import ArtifactError
-        from training.export import ExportError
-        from training.train import CheckpointError
-
-        if isinstance(exc, CheckpointError | ArtifactError | ExportError):
+        if isinstance(exc, _user_errors()):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise
-
 
 if __name__ == "__main__":
     sys.exit(main())
