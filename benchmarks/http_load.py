@@ -1,8 +1,9 @@
 """Sections ``http`` (dynamic batching under load) and ``overhead`` (service vs raw onnxruntime).
 
 The load generator runs in its own process (``python -m benchmarks.http_load '<json config>'``):
-an async httpx client with ``concurrency`` workers, each sending ``POST /v1/predict`` back to back
-over keep-alive connections until a fixed number of requests is done or a time bound passes. The
+``concurrency`` asyncio workers, each sending ``POST /v1/predict`` back to back over its own
+keep-alive connection (:mod:`benchmarks.http_client`, a lean client so that the generator takes as
+little CPU from the server as possible) until a fixed number of requests is done or a time bound passes. The
 texts are 5–20 consecutive words of a fixed passage (:mod:`benchmarks.texts`). Warm-up requests
 run first and are not counted. It prints one JSON object: requests/s, latency percentiles, errors
 its own CPU time, and (read from ``/metrics`` and ``/proc`` around the timed phase only) the
@@ -44,43 +45,41 @@ TEXT_POOL = 512
 async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
     import resource
 
-    import httpx
+    from benchmarks.http_client import HTTPConnection
 
     texts = short_texts(TEXT_POOL, cfg["seed"])
     extra = {"model": cfg["model"], "version": cfg["version"]} if cfg.get("model") else {}
-    bodies = [json.dumps({"text": t, "k": 5, **extra}).encode() for t in texts]
-    headers = {"content-type": "application/json"}
+    control = HTTPConnection(cfg["url"])
+    # Requests are serialised once, up front: the loop only writes bytes and reads responses.
+    requests = [
+        control.request_bytes("POST", "/v1/predict", json.dumps({"text": t, "k": 5, **extra}).encode())
+        for t in texts
+    ]
+    metrics_request = control.request_bytes("GET", "/metrics")
     c = cfg["concurrency"]
     perf = time.perf_counter
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     counter = {"next": 0}
-    # One client (one keep-alive connection) per worker: a single AsyncClient shared by many
-    # concurrent requests spends CPU in its connection pool that grows with the concurrency
-    # (encode/httpx#3215), which would make the load generator the bottleneck.
-    clients = [
-        httpx.AsyncClient(
-            base_url=cfg["url"], timeout=30.0, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        )
-        for _ in range(c)
-    ]
-    control = httpx.AsyncClient(base_url=cfg["url"], timeout=30.0)
+    # One keep-alive connection per worker, as 64 separate clients would have.
+    clients = [HTTPConnection(cfg["url"]) for _ in range(c)]
 
-    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, float]:
+    async def one(client: HTTPConnection, i: int) -> tuple[int, float]:
         start = perf()
         try:
-            response = await client.post("/v1/predict", content=bodies[i % len(bodies)], headers=headers)
-            status = response.status_code
-        except httpx.HTTPError:
+            status, _ = await client.send(requests[i % len(requests)])
+        except OSError:
             status = -1
         return status, perf() - start
 
     async def server_counters() -> tuple[tuple[float, float], float | None]:
         """The batch-size histogram (sum, count) and the server's CPU seconds, right now."""
-        text = (await control.get("/metrics")).text
+        status, body = await control.send(metrics_request)
+        if status != 200:
+            raise RuntimeError(f"GET /metrics answered {status}")
         labels = {"model": cfg["model"]} if cfg.get("model") else None
         pid = cfg.get("server_pid")
-        return histogram_totals(text, "nextword_batch_size", labels), process_cpu_seconds(pid) if pid else None
+        return histogram_totals(body.decode(), "nextword_batch_size", labels), process_cpu_seconds(pid) if pid else None
 
     async def warm(worker: int) -> None:
         for j in range(cfg["warmup_per_worker"]):
@@ -88,7 +87,7 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
 
     total, deadline_s = cfg["requests"], cfg["max_seconds"]
 
-    async def worker(client: httpx.AsyncClient, deadline: float) -> None:
+    async def worker(client: HTTPConnection, deadline: float) -> None:
         while counter["next"] < total and perf() < deadline:
             i = counter["next"]
             counter["next"] += 1
@@ -107,7 +106,7 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         batch1, server1 = await server_counters()
     finally:
-        await asyncio.gather(*(client.aclose() for client in [*clients, control]))
+        await asyncio.gather(*(client.close() for client in [*clients, control]))
     ok = len(latencies)
     calls = batch1[1] - batch0[1]
     result: dict[str, Any] = {

@@ -101,6 +101,26 @@ def test_top_k_matches_brute_force() -> None:
             assert np.exp(top.log_probs).sum() == pytest.approx(1.0)
 
 
+def test_top_k_shortlist_is_exact_on_a_large_vocabulary() -> None:
+    """Vocabulary-sized rows take the block-maxima shortlist; coarse rounding makes many ties."""
+    from nextword.vocab import Vocab
+
+    rng = np.random.default_rng(1)
+    vocab = Vocab(["<unk>", "<eos>", *(f"w{i:05d}" for i in range(20000))])
+    index = VocabIndex(vocab)
+    for trial in range(12):
+        lp = np.round(rng.normal(size=len(vocab)), 1).astype(np.float32)
+        lp[:2] = lp.max() + 1.0
+        if trial % 3 == 2:
+            lp[100:20002] = -np.inf  # fewer finite words than k
+        lp.flags.writeable = False
+        prefix = ["", "w1", "w000"][trial % 3]
+        k = [1, 5, 37, 100][trial % 4]
+        top = index.top_k(lp, k, prefix)
+        eligible = [i for i, w in enumerate(vocab.itos) if i > 1 and w.startswith(prefix)]
+        assert top.ids.tolist() == sorted(eligible, key=lambda i: (-lp[i], i))[:k]
+
+
 def test_ties_are_ordered_by_id() -> None:
     from nextword.vocab import Vocab
 
