@@ -39,12 +39,20 @@ class HTTPConnection:
         return (head + "\r\n").encode("latin-1") + body
 
     async def send(self, raw: bytes) -> tuple[int, bytes]:
-        """Send a prebuilt request; returns (status, body). Connection errors raise OSError."""
-        try:
-            return await asyncio.wait_for(self._exchange(raw), self.timeout)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError) as exc:
-            await self.close()
-            raise OSError(f"HTTP exchange failed: {exc!r}") from exc
+        """Send a prebuilt request; returns (status, body). Connection errors raise OSError.
+
+        A kept-alive connection may have been closed by the server while idle (uvicorn's
+        keep-alive timeout): such a request is sent once more on a fresh connection."""
+        for attempt in (0, 1):
+            reused = self._writer is not None
+            try:
+                return await asyncio.wait_for(self._exchange(raw), self.timeout)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError) as exc:
+                await self.close()
+                stale = isinstance(exc, (asyncio.IncompleteReadError, ConnectionError)) and reused
+                if attempt or not stale:
+                    raise OSError(f"HTTP exchange failed: {exc!r}") from exc
+        raise AssertionError("unreachable")
 
     async def _exchange(self, raw: bytes) -> tuple[int, bytes]:
         if self._writer is None:

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         16384, ge=1, description="Cap on rows x padded length of one batch, so one long text does not make "
         "many short ones pay for its padding."
     )
+    inference_workers: int = Field(
+        2, ge=1, description="Worker threads per model version, each running one batch at a time from the shared "
+        "queue. A batch that runs alone uses all NEXTWORD_INTRA_OP_THREADS; batches that overlap use sessions with "
+        "the threads divided among the workers, so under load the model keeps a core busy while the HTTP event "
+        "loop uses the other (measured on 2 cores: 64-client throughput +13%, single-client latency unchanged)."
+    )
     queue_capacity: int = Field(1024, ge=1, description="Work items waiting per model version; beyond it: 503.")
     request_timeout_seconds: float = Field(
         10.0, gt=0, description="Deadline of a work item from submission; waiting past it gives 504."

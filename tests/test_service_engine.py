@@ -197,6 +197,40 @@ def test_batching_on_and_off_give_identical_results(tiny: LoadedVersion) -> None
         assert best.tolist() == np.argsort(-b.log_probs, kind="stable")[:5].tolist()
 
 
+def test_two_workers_share_the_queue_and_the_cores(tiny: LoadedVersion) -> None:
+    """Overlapping batches run on the narrower sessions, a lone one on the full pool; every row
+    still equals the direct one-row run."""
+    from service.engine.runtime import ModelRuntime, choose_device
+
+    runtime = ModelRuntime.load(tiny.path, tiny.card, choose_device("cpu"), intra_op_threads=2, workers=2)
+    assert runtime.shared_threads == 1 and runtime.shared_sessions is not None
+    used: list[bool] = []
+    run = runtime.run
+
+    def spy(graph, feeds, outputs, shared=False):
+        used.append(shared)
+        return run(graph, feeds, outputs, shared)
+
+    runtime.run = spy  # type: ignore[method-assign]
+    batcher = Batcher(runtime, model=tiny.name, version=tiny.version, max_batch_size=4, max_queue_delay=0.0,
+                      workers=2).start()
+    rng = np.random.default_rng(5)
+    items = [rng.integers(0, tiny.card.vocab_size, int(n)) for n in rng.integers(1, 30, 64)]
+
+    async def burst() -> list:
+        return await asyncio.gather(*(batcher.run(WorkItem(t)) for t in items))
+
+    try:
+        results = asyncio.run(burst())
+        lone = batcher.submit(WorkItem(items[0])).result(timeout=10)
+    finally:
+        batcher.close()
+    assert len(batcher._threads) == 2 and not any(t.is_alive() for t in batcher._threads)
+    assert True in used and used[-1] is False  # the lone item ran on the full pool
+    for tokens, result in zip([*items, items[0]], [*results, lone], strict=True):
+        np.testing.assert_allclose(result.log_probs, direct(tiny, PREDICT, tokens)[A.LOG_PROBS], atol=1e-5, rtol=0)
+
+
 def test_predict_and_score_items_share_a_queue(tiny: LoadedVersion) -> None:
     rng = np.random.default_rng(3)
     batcher = make_batcher(tiny, max_queue_delay=0.02)

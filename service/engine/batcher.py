@@ -111,6 +111,7 @@ class Batcher:
         queue_capacity: int = 1024,
         timeout: float = 10.0,
         retry_after: float = 1.0,
+        workers: int = 1,
     ) -> None:
         self.runtime = runtime
         self.model = model
@@ -121,13 +122,17 @@ class Batcher:
         self.queue_capacity = queue_capacity
         self.timeout = timeout
         self.retry_after = retry_after
+        if workers < 1:
+            raise ValueError("a batcher needs at least one worker")
+        self.workers = workers
         card = runtime.card
         self.state_names: list[str] = list(card.state_names)
         self.state_shape = (card.num_layers, card.hidden_size)
         self._queue: deque[WorkItem] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._running = 0  # batches executing now (guarded by _cond)
         self._depth = metrics.QUEUE_DEPTH.labels(model)
         self._wait = metrics.QUEUE_WAIT.labels(model)
         self._batch_size = metrics.BATCH_SIZE.labels(model)
@@ -135,11 +140,13 @@ class Batcher:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> Batcher:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._loop, name=f"batcher-{self.model}-{self.version}", daemon=True
-            )
-            self._thread.start()
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._loop, name=f"batcher-{self.model}-{self.version}-{i}", daemon=True)
+                for i in range(self.workers)
+            ]
+            for thread in self._threads:
+                thread.start()
         return self
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -155,8 +162,9 @@ class Batcher:
             self._cond.notify_all()
         for item in dropped:
             _fail(item, BatcherClosedError())
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
 
     @property
     def closed(self) -> bool:
@@ -246,16 +254,24 @@ class Batcher:
                             break
                         self._cond.wait(remaining)
                 batch, dead = self._take()
+                # Alone with nothing queued: this batch may use every core. Otherwise the other
+                # workers' batches share them (ModelRuntime.run's narrower sessions).
+                shared = self._running > 0 or bool(self._queue)
+                if batch:
+                    self._running += 1
             for item, exc in dead:
                 _fail(item, exc)
             if batch:
                 try:
-                    self._execute(batch)
+                    self._execute(batch, shared)
                 except Exception as exc:  # never let one bad batch kill the worker
                     log.exception("inference failed for %s v%s (%d rows)", self.model, self.version, len(batch))
                     error = exc if isinstance(exc, EngineError) else EngineError(f"inference failed: {exc}")
                     for item in batch:
                         _fail(item, error)
+                finally:
+                    with self._cond:
+                        self._running -= 1
 
     def _take(self) -> tuple[list[WorkItem], list[tuple[WorkItem, Exception]]]:
         """Pop the next batch (called with the lock held): live items of the head's graph, in
@@ -298,7 +314,7 @@ class Batcher:
             self._depth.dec(removed)
         return taken, dead
 
-    def _execute(self, batch: list[WorkItem]) -> None:
+    def _execute(self, batch: list[WorkItem], shared: bool = False) -> None:
         start = time.monotonic()
         graph = batch[0].graph
         rows = len(batch)
@@ -327,7 +343,7 @@ class Batcher:
         else:
             main = [A.TARGET_LOG_PROBS, A.TARGET_RANKS]
         state_outputs = [A.state_output(n) for n in self.state_names] if want_state else []
-        outputs, elapsed = self.runtime.run(graph, feeds, main + state_outputs)
+        outputs, elapsed = self.runtime.run(graph, feeds, main + state_outputs, shared)
         named = dict(zip(main + state_outputs, outputs, strict=True))
 
         labels = {it.metric_label for it in batch}

@@ -289,7 +289,8 @@ class ModelRepository:
         if specials.get("unk") != UNK or specials.get("eos") != EOS:
             raise ModelLoadError(f"unsupported special tokens {specials}")
         runtime = ModelRuntime.load(
-            path, card, self.device, self.settings.intra_op_threads, self.settings.intra_op_spinning
+            path, card, self.device, self.settings.intra_op_threads, self.settings.intra_op_spinning,
+            workers=self.settings.inference_workers,
         )
         self_check(runtime, vocab)
         if runtime.device_note:
@@ -298,7 +299,7 @@ class ModelRepository:
         batcher = Batcher(
             runtime, model=name, version=version, max_batch_size=s.max_batch_size,
             max_queue_delay=s.max_queue_delay_seconds, max_batch_tokens=s.max_batch_tokens,
-            queue_capacity=s.queue_capacity, timeout=s.request_timeout_seconds,
+            queue_capacity=s.queue_capacity, timeout=s.request_timeout_seconds, workers=s.inference_workers,
         ).start()
         return LoadedVersion(
             name=name, version=version, path=path, card=card, vocab=vocab, index=VocabIndex(vocab),

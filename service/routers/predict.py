@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from service.deps import PredictorDep, SettingsDep
 from service.engine import Prediction, PredictQuery
@@ -32,6 +32,12 @@ _ERRORS = {
 }
 
 
+def serialized(body: PredictResponse | BatchPredictResponse) -> Response:
+    """The body as JSON, skipping FastAPI's second validation of an object that is already a
+    validated response model (a measurable share of a prediction's CPU time under load)."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
 def to_response(p: Prediction) -> PredictResponse:
     return PredictResponse(
         model=p.model, version=p.version, prefix=p.prefix, prefix_probability=p.prefix_probability,
@@ -43,22 +49,20 @@ def to_response(p: Prediction) -> PredictResponse:
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
-async def predict(body: PredictRequest, predictor: PredictorDep) -> PredictResponse:
+async def predict(body: PredictRequest, predictor: PredictorDep) -> Response:
     """The k most likely next words (or completions of the word being typed)."""
-    return to_response(await predictor.predict(body.text, body.k, body.model, body.version))
+    return serialized(to_response(await predictor.predict(body.text, body.k, body.model, body.version)))
 
 
 @router.post("/predict/batch", response_model=BatchPredictResponse, responses=_ERRORS)
-async def predict_batch(
-    body: BatchPredictRequest, predictor: PredictorDep, settings: SettingsDep
-) -> BatchPredictResponse:
+async def predict_batch(body: BatchPredictRequest, predictor: PredictorDep, settings: SettingsDep) -> Response:
     """Many predictions in one call; items for the same model version share onnxruntime batches."""
     if len(body.items) > settings.max_batch_items:
         raise InvalidInputError(
             f"{len(body.items)} items; the limit is {settings.max_batch_items} (NEXTWORD_MAX_BATCH_ITEMS)", "items"
         )
     queries = [PredictQuery(i.text, i.k, i.model, i.version) for i in body.items]
-    return BatchPredictResponse(results=[to_response(p) for p in await predictor.predict_many(queries)])
+    return serialized(BatchPredictResponse(results=[to_response(p) for p in await predictor.predict_many(queries)]))
 
 
 @router.post("/score", response_model=ScoreResponse, responses=_ERRORS)
