@@ -51,6 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Next-word prediction with recurrent language models (onnxruntime).",
         version="0.1.0",
         lifespan=lifespan,
+        # FastAPI's OpenTelemetry hooks look up the tracer/meter providers on every request even
+        # when none is configured; the service's metrics are Prometheus (service/metrics.py).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.engine = engine
