@@ -1,7 +1,7 @@
 """Dynamic batching: work items that arrive together for one model version become one onnxruntime call.
 
 The batcher is generic over what an item asks of the model, so stateless prediction, scoring and
-stateful sessions/generation share one queue and one worker per model version:
+stateful sessions/generation share one queue (and its worker threads) per model version:
 
 * a :class:`WorkItem` carries its token ids, optionally its *initial recurrent state* (one
   ``[layers, hidden]`` array per state name, ``None`` for zeros), which graph to run and which
@@ -17,9 +17,15 @@ other graph wait for the next round. The queue is bounded (:class:`QueueFullErro
 every item has a deadline: an item still queued past it is failed with
 :class:`DeadlineExceededError` instead of being run for a client that has given up.
 
-The worker is a plain thread, so onnxruntime (which releases the GIL) never blocks the event
-loop. Callers on the event loop ``await batcher.run(item)``; other threads use ``submit()`` and
-the returned ``concurrent.futures.Future``.
+Workers are plain threads, so onnxruntime (which releases the GIL) never blocks the event loop.
+There are ``workers`` of them (``NEXTWORD_INFERENCE_WORKERS``) taking batches from the one
+queue: a batch that starts alone with nothing queued runs on the full intra-op pool; one that
+overlaps another runs on the runtime's narrower sessions. On a small CPU this keeps the model
+computing on one core while the event loop parses and answers HTTP on the other, instead of
+two full-width pools and the event loop contending for the same cores.
+
+Callers on the event loop ``await batcher.run(item)``; other threads use ``submit()`` and the
+returned ``concurrent.futures.Future``.
 """
 
 from __future__ import annotations
@@ -97,7 +103,7 @@ class WorkResult:
 
 
 class Batcher:
-    """The queue and worker thread of one model version."""
+    """The queue and worker threads of one model version."""
 
     def __init__(
         self,
