@@ -135,10 +135,17 @@ class Batcher:
         self.state_names: list[str] = list(card.state_names)
         self.state_shape = (card.num_layers, card.hidden_size)
         self._queue: deque[WorkItem] = deque()
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        # One condition per worker on the same lock: a submission wakes the lowest-numbered idle
+        # worker, and worker i takes work only while workers 0..i-1 are all busy. So a lone
+        # request always runs on worker 0, whose caches are warm, rather than on whichever
+        # worker happens to have waited longest (measured: alternating workers made a 2-item
+        # session update 0.4-0.6 ms slower).
+        self._wake = [self._cond] + [threading.Condition(lock) for _ in range(workers - 1)]
+        self._busy = [False] * workers
         self._closed = False
         self._threads: list[threading.Thread] = []
-        self._running = 0  # batches executing now (guarded by _cond)
         self._depth = metrics.QUEUE_DEPTH.labels(model)
         self._wait = metrics.QUEUE_WAIT.labels(model)
         self._batch_size = metrics.BATCH_SIZE.labels(model)
@@ -148,7 +155,9 @@ class Batcher:
     def start(self) -> Batcher:
         if not self._threads:
             self._threads = [
-                threading.Thread(target=self._loop, name=f"batcher-{self.model}-{self.version}-{i}", daemon=True)
+                threading.Thread(
+                    target=self._loop, args=(i,), name=f"batcher-{self.model}-{self.version}-{i}", daemon=True
+                )
                 for i in range(self.workers)
             ]
             for thread in self._threads:
@@ -165,7 +174,8 @@ class Batcher:
                 dropped = list(self._queue)
                 self._queue.clear()
                 self._depth.dec(len(dropped))
-            self._cond.notify_all()
+            for wake in self._wake:
+                wake.notify_all()
         for item in dropped:
             _fail(item, BatcherClosedError())
         for thread in self._threads:
@@ -214,7 +224,7 @@ class Batcher:
                 item.deadline = now + timeout
                 self._queue.append(item)
             self._depth.inc(len(items))
-            self._cond.notify()
+            self._notify_idle()
         return [item.future for item in items]
 
     def submit(self, item: WorkItem, timeout: float | None = None) -> concurrent.futures.Future[WorkResult]:
@@ -244,11 +254,20 @@ class Batcher:
 
     # --- worker -------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _notify_idle(self) -> None:
+        """Wake the lowest-numbered idle worker (called with the lock held)."""
+        for index, busy in enumerate(self._busy):
+            if not busy:
+                self._wake[index].notify()
+                return
+
+    def _loop(self, index: int = 0) -> None:
+        wake = self._wake[index]
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
+                # Worker i > 0 helps only while every lower-numbered worker is busy.
+                while not self._closed and not (self._queue and all(self._busy[:index])):
+                    wake.wait()
                 if not self._queue:
                     return  # closed and drained
                 if not self._closed:
@@ -258,13 +277,15 @@ class Batcher:
                         remaining = flush_at - time.monotonic()
                         if remaining <= 0:
                             break
-                        self._cond.wait(remaining)
+                        wake.wait(remaining)
                 batch, dead = self._take()
                 # Alone with nothing queued: this batch may use every core. Otherwise the other
                 # workers' batches share them (ModelRuntime.run's narrower sessions).
-                shared = self._running > 0 or bool(self._queue)
+                shared = any(self._busy) or bool(self._queue)
                 if batch:
-                    self._running += 1
+                    self._busy[index] = True
+                    if self._queue:
+                        self._notify_idle()  # what did not fit this batch goes to the next worker
             for item, exc in dead:
                 _fail(item, exc)
             if batch:
@@ -277,7 +298,7 @@ class Batcher:
                         _fail(item, error)
                 finally:
                     with self._cond:
-                        self._running -= 1
+                        self._busy[index] = False
 
     def _take(self) -> tuple[list[WorkItem], list[tuple[WorkItem, Exception]]]:
         """Pop the next batch (called with the lock held): live items of the head's graph, in
