@@ -205,10 +205,12 @@ def test_two_workers_share_the_queue_and_the_cores(tiny: LoadedVersion) -> None:
     runtime = ModelRuntime.load(tiny.path, tiny.card, choose_device("cpu"), intra_op_threads=2, workers=2)
     assert runtime.shared_threads == 1 and runtime.shared_sessions is not None
     used: list[bool] = []
+    workers: list[str] = []
     run = runtime.run
 
     def spy(graph, feeds, outputs, shared=False):
         used.append(shared)
+        workers.append(threading.current_thread().name)
         return run(graph, feeds, outputs, shared)
 
     runtime.run = spy  # type: ignore[method-assign]
@@ -222,11 +224,15 @@ def test_two_workers_share_the_queue_and_the_cores(tiny: LoadedVersion) -> None:
 
     try:
         results = asyncio.run(burst())
-        lone = batcher.submit(WorkItem(items[0])).result(timeout=10)
+        assert len(set(workers)) == 2  # the burst kept both workers busy
+        workers.clear()
+        for _ in range(5):
+            lone = batcher.submit(WorkItem(items[0])).result(timeout=10)
     finally:
         batcher.close()
     assert len(batcher._threads) == 2 and not any(t.is_alive() for t in batcher._threads)
-    assert True in used and used[-1] is False  # the lone item ran on the full pool
+    assert True in used and used[-1] is False  # a lone item runs on the full pool...
+    assert all(name.endswith("-0") for name in workers)  # ...and always on worker 0
     for tokens, result in zip([*items, items[0]], [*results, lone], strict=True):
         np.testing.assert_allclose(result.log_probs, direct(tiny, PREDICT, tokens)[A.LOG_PROBS], atol=1e-5, rtol=0)
 
