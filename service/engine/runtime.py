@@ -109,11 +109,11 @@ class ModelRuntime:
         cls, directory: str | Path, card: A.ModelCard, choice: DeviceChoice, intra_op_threads: int = 0,
         spinning: bool = False, workers: int = 1,
     ) -> ModelRuntime:
-        """Sessions for every graph. With ``workers`` > 1 on CPU, also a second set whose intra-op
-        pool is the cores divided among the workers (see :meth:`run`)."""
+        """Sessions for every graph. With ``workers`` > 1 on CPU, also a second predict session
+        whose intra-op pool is the cores divided among the workers (see :meth:`run`)."""
         directory = Path(directory)
 
-        def create(threads: int) -> dict[str, ort.InferenceSession]:
+        def create(threads: int, graphs: tuple[str, ...] = GRAPHS) -> dict[str, ort.InferenceSession]:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -122,7 +122,7 @@ class ModelRuntime:
             opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             opts.log_severity_level = 3
             out: dict[str, ort.InferenceSession] = {}
-            for graph in GRAPHS:
+            for graph in graphs:
                 file = card.graphs.get(graph)
                 if file is None:
                     raise ModelLoadError(f"model.json names no {graph!r} graph")
@@ -144,7 +144,9 @@ class ModelRuntime:
         full = intra_op_threads or os.cpu_count() or 1
         shared = max(1, full // workers)
         if device == "cpu" and workers > 1 and shared < full:
-            runtime.shared_sessions = create(shared)
+            # Only the predict graph (predictions, sessions, generation) is hot enough to need
+            # them; each set holds its own float32 copy of the weights.
+            runtime.shared_sessions = create(shared, ("predict",))
             runtime.shared_threads = shared
         runtime.io = {
             g: GraphIO(
@@ -194,7 +196,9 @@ class ModelRuntime:
     ) -> tuple[list[np.ndarray], float]:
         """Run one graph; returns the requested outputs and the wall time of ``run``. ``shared``:
         other batches are running or waiting, so use the narrower sessions when there are some."""
-        sessions = self.shared_sessions if shared and self.shared_sessions is not None else self.sessions
+        session = self.sessions[graph]
+        if shared and self.shared_sessions is not None:
+            session = self.shared_sessions.get(graph, session)
         start = time.perf_counter()
-        result = sessions[graph].run(outputs, feeds)
+        result = session.run(outputs, feeds)
         return result, time.perf_counter() - start
