@@ -145,3 +145,38 @@ def test_quick_runtime_benchmark_smoke(tmp_path: Path) -> None:
     assert any("batch 1" in n for n in names) and any("int8" in n for n in names)
     assert all(row["section"] in ("runtime", "roofline") for row in data["rows"])
     assert "| " in proc.stdout  # the table was printed
+
+
+def test_load_generator_against_a_real_server(live_server: str) -> None:
+    """The load generator (its own process, the lean keep-alive client) drives a real uvicorn and
+    reads the batch sizes back from /metrics."""
+    from benchmarks.http_load import run_load
+
+    result = run_load(live_server, 4, 40, 30.0, model="tiny", version=2, warmup_per_worker=1, words=(1, 3))
+    assert result["statuses"] == {"200": 40} and result["ok"] == 40
+    assert result["p50_ms"] > 0 and result["batches"] >= 1 and result["mean_batch"] >= 1
+
+
+def test_http_client_errors_are_oserrors(live_server: str) -> None:
+    import asyncio
+
+    from benchmarks.http_client import HTTPConnection
+
+    async def exchange() -> tuple[int, bytes]:
+        conn = HTTPConnection(live_server)
+        try:
+            status, body = await conn.send(conn.request_bytes("POST", "/v1/predict", b'{"text": 5}'))
+            assert status == 422 and b"text" in body
+            return await conn.send(conn.request_bytes("GET", "/readyz"))  # same connection, kept alive
+        finally:
+            await conn.close()
+
+    assert asyncio.run(exchange())[0] == 200
+
+    async def refused() -> None:
+        from tests.processes import free_port
+
+        await HTTPConnection(f"http://127.0.0.1:{free_port()}").send(b"GET / HTTP/1.1\r\n\r\n")
+
+    with pytest.raises(OSError):
+        asyncio.run(refused())
