@@ -174,7 +174,7 @@ def test_http_client_errors_are_oserrors(live_server: str) -> None:
     assert asyncio.run(exchange())[0] == 200
 
     async def refused() -> None:
-        from tests.processes import free_port
+        from processes import free_port
 
         await HTTPConnection(f"http://127.0.0.1:{free_port()}").send(b"GET / HTTP/1.1\r\n\r\n")
 
