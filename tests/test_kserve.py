@@ -104,8 +104,43 @@ def test_infer_errors(triton: httpclient.InferenceServerClient) -> None:
     numbers.set_data_from_numpy(np.array([1, 2], dtype=np.int64))
     err = fails(model_name="tiny", inputs=[numbers])
     assert err.status() == "400" and "BYTES" in err.message()
-    err = fails(model_name="tiny", inputs=[text_input(["the "])], sequence_id=42, sequence_start=True)
-    assert err.status() == "400" and "sequence" in err.message()
+    err = fails(model_name="tiny", inputs=[text_input(["the ", "a "])], sequence_id=42, sequence_start=True)
+    assert err.status() == "400" and "exactly one text" in err.message()
+    err = fails(model_name="tiny", inputs=[text_input(["the "])], sequence_id=987654321)
+    assert err.status() == "400" and "not active" in err.message()
+
+
+def test_sequences_carry_state_like_sessions(triton: httpclient.InferenceServerClient, reference) -> None:
+    """Triton's sequence extension: each request sends only the new text; the answer is the one for
+    the whole text so far. Two interleaved sequences (an integer id and a string id) stay apart."""
+
+    def step(seq: int | str, delta: str, **flags: bool) -> list[str]:
+        result = triton.infer("tiny", [text_input([delta])], parameters={"k": 3}, sequence_id=seq, **flags)
+        return [w.decode() for w in result.as_numpy("words")[0]]
+
+    a, b = ["the quick ", "brown ", "fo"], ["I saw ", "the ", "qu"]
+    assert step(7, a[0], sequence_start=True) == expected(reference, [a[0]], 3)[0][0]
+    assert step("user-7", b[0], sequence_start=True) == expected(reference, [b[0]], 3)[0][0]
+    for i in (1, 2):
+        assert step(7, a[i]) == expected(reference, ["".join(a[: i + 1])], 3)[0][0]
+        assert step("user-7", b[i]) == expected(reference, ["".join(b[: i + 1])], 3)[0][0]
+    assert step(7, "x ", sequence_end=True) == expected(reference, ["".join(a) + "x "], 3)[0][0]
+    with pytest.raises(InferenceServerException) as info:
+        step(7, "more ")  # ended
+    assert info.value.status() == "400" and "not active" in info.value.message()
+    assert step(7, "the ", sequence_start=True) == expected(reference, ["the "], 3)[0][0]  # a fresh start
+    assert step("user-7", "again ", sequence_start=True, sequence_end=True) == expected(reference, ["again "], 3)[0][0]
+
+
+def test_sequence_parameters_are_checked(live_server: str) -> None:
+    url = f"{live_server}/v2/models/tiny/infer"
+    text = [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["the "]}]
+    for params, needle in (({"sequence_id": -1}, "sequence_id"), ({"sequence_id": True}, "sequence_id"),
+                           ({"sequence_id": "x" * 300}, "sequence_id"),
+                           ({"sequence_id": 3, "sequence_start": "yes"}, "sequence_start"),
+                           ({"sequence_end": True}, "need a sequence_id")):
+        response = httpx.post(url, json={"inputs": text, "parameters": params})
+        assert response.status_code == 400 and needle in response.json()["error"], (params, response.text)
 
 
 def test_raw_json_protocol(live_server: str) -> None:

@@ -13,16 +13,27 @@ Both JSON tensor data and the *binary tensor data* extension are supported, in b
 ``parameters.binary_data_size``); outputs are returned binary when the request asks
 (``parameters.binary_data_output`` or an output's ``parameters.binary_data``).
 
-Not supported, and rejected with 400 rather than silently ignored: shared-memory tensors,
-classification outputs, and sequence parameters (``sequence_id``; stateful sequences are the
-session API's job, ``/v1/sessions``). ``priority`` and ``timeout`` are accepted and ignored.
+Sequences (Triton's sequence extension): request parameters ``sequence_id`` (a positive integer
+or a string), ``sequence_start`` and ``sequence_end`` map onto a server-held session
+(``/v1/sessions``), so each request of a sequence carries only the new text (one text, shape
+``[1]``) and costs one batched recurrent step for it, never a re-read of the history. The answer is
+what ``/v1/predict`` would give for the sequence's whole text so far. ``sequence_start`` begins
+(or restarts) the sequence on the request's model version; ``sequence_end`` ends it after
+answering; a sequence left idle ends after ``NEXTWORD_SESSION_TTL_SECONDS``, and continuing an
+unknown or ended one is a 400. The id is scoped by model name.
+
+Not supported, and rejected with 400 rather than silently ignored: shared-memory tensors and
+classification outputs. ``priority`` and ``timeout`` are accepted and ignored.
 Errors are ``{"error": "<message>"}`` (see ``service/errors.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,8 +42,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from service.config import Settings
-from service.deps import PredictorDep, RepositoryDep, SettingsDep
-from service.engine import LoadedVersion, ModelRepository, Predictor, PredictQuery
+from service.deps import PredictorDep, RepositoryDep, SessionsDep, SettingsDep
+from service.engine import LoadedVersion, ModelRepository, Prediction, Predictor, PredictQuery
 from service.engine.errors import InvalidInputError, ModelNotFoundError, VersionNotFoundError
 from service.errors import BinaryBodyRoute
 from service.protocol_generate import (
@@ -45,6 +56,8 @@ from service.protocol_generate import (
     ServerMetadata,
     TensorMetadata,
 )
+from service.sessions import SessionManager, SessionResult
+from service.sessions.errors import SessionExpiredError, SessionNotFoundError
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"], route_class=BinaryBodyRoute)
 
@@ -57,6 +70,7 @@ PROBABILITIES = "probabilities"
 INPUTS = [TensorMetadata(name="text", datatype="BYTES", shape=[-1])]
 OUTPUTS = [TensorMetadata(name=WORDS, datatype="BYTES", shape=[-1, -1]),
            TensorMetadata(name=PROBABILITIES, datatype="FP32", shape=[-1, -1])]
+MAX_SEQUENCE_ID_CHARS = 256
 _ERROR = {"content": {"application/json": {"example": {"error": "model 'x' is not loaded"}}}}
 
 
@@ -212,12 +226,72 @@ def _texts(request_doc: InferRequest, binary: bytes) -> list[str]:
 
 def _k(request_doc: InferRequest) -> int:
     params = request_doc.parameters or {}
-    if params.get("sequence_id") not in (None, 0, ""):
-        raise KServeInputError("sequence requests are not supported; use the session API (/v1/sessions)")
     k = params.get("k", KSERVE_DEFAULT_K)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= KSERVE_MAX_K:
         raise KServeInputError(f"parameter k must be an integer between 1 and {KSERVE_MAX_K}")
     return k
+
+
+@dataclass(frozen=True)
+class SequenceStep:
+    id: int | str
+    start: bool
+    end: bool
+
+
+def _sequence(request_doc: InferRequest) -> SequenceStep | None:
+    """The request's place in a sequence, or None for a stateless request (``sequence_id`` absent,
+    0 or "", as Triton's clients send when there is no sequence)."""
+    params = request_doc.parameters or {}
+    seq = params.get("sequence_id")
+    start, end = params.get("sequence_start", False), params.get("sequence_end", False)
+    for name, value in (("sequence_start", start), ("sequence_end", end)):
+        if not isinstance(value, bool):
+            raise KServeInputError(f"parameter {name} must be a boolean")
+    if seq in (None, 0, ""):
+        if start or end:
+            raise KServeInputError("sequence_start and sequence_end need a sequence_id")
+        return None
+    valid = (isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq < 2**64) or (
+        isinstance(seq, str) and len(seq) <= MAX_SEQUENCE_ID_CHARS
+    )
+    if not valid:
+        raise KServeInputError(
+            f"parameter sequence_id must be a positive 64-bit integer or a string of at most "
+            f"{MAX_SEQUENCE_ID_CHARS} characters"
+        )
+    return SequenceStep(seq, start, end)
+
+
+def sequence_session_id(model: str, sequence_id: int | str) -> str:
+    """The session behind a sequence: derived from the model name and the client's id (integer
+    5 and string "5" are different sequences, as in Triton), in the session id alphabet."""
+    digest = hashlib.sha256(f"{model}\0{type(sequence_id).__name__}\0{sequence_id}".encode()).hexdigest()
+    return "kserve-" + digest[:40]
+
+
+_GONE = (SessionNotFoundError, SessionExpiredError)
+
+
+async def _sequence_step(sessions: SessionManager, lv: LoadedVersion, step: SequenceStep, text: str,
+                         k: int) -> SessionResult:
+    sid = sequence_session_id(lv.name, step.id)
+    if step.start:
+        with contextlib.suppress(*_GONE):  # a restart replaces the old sequence
+            await sessions.delete(sid)
+        result = await sessions.create(lv.name, lv.version, text, k, session_id=sid)
+    else:
+        try:
+            result = await sessions.update(sid, text=text, k=k, transport="kserve")
+        except _GONE:
+            raise KServeInputError(
+                f"sequence {step.id!r} is not active for model {lv.name!r}: start it with sequence_start=true "
+                "(an idle sequence ends after NEXTWORD_SESSION_TTL_SECONDS)"
+            ) from None
+    if step.end:
+        with contextlib.suppress(*_GONE):
+            await sessions.delete(sid)
+    return result
 
 
 def _wanted_outputs(request_doc: InferRequest) -> list[tuple[str, bool]]:
@@ -248,7 +322,7 @@ def _encode_bytes_tensor(values: list[str]) -> bytes:
 
 
 async def _infer(request: Request, name: str, version: str | None, predictor: Predictor,
-                 settings: Settings) -> Response:
+                 settings: Settings, sessions: SessionManager) -> Response:
     body = await request.body()
     document, binary = _split_body(request, body)
     try:
@@ -258,15 +332,24 @@ async def _infer(request: Request, name: str, version: str | None, predictor: Pr
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise KServeInputError(f"invalid inference request: {where}: {first.get('msg')}") from None
     k = _k(request_doc)
+    sequence = _sequence(request_doc)
     wanted = _wanted_outputs(request_doc)
     texts = _texts(request_doc, binary)
     if len(texts) > settings.max_batch_items:
         limit = settings.max_batch_items
         raise KServeInputError(f"{len(texts)} texts; the limit is {limit} (NEXTWORD_MAX_BATCH_ITEMS)")
     lv = _resolve(predictor.repository, name, version)
-    predictions = await predictor.predict_many(
-        [PredictQuery(t, k, lv.name, lv.version) for t in texts], item_field=request_doc.inputs[0].name
-    ) if texts else []
+    predictions: list[Prediction] | list[SessionResult]
+    if sequence is not None:
+        if len(texts) != 1:
+            raise KServeInputError(f"a sequence request carries exactly one text (shape [1]), got {len(texts)}")
+        predictions = [await _sequence_step(sessions, lv, sequence, texts[0], k)]
+    elif texts:
+        predictions = await predictor.predict_many(
+            [PredictQuery(t, k, lv.name, lv.version) for t in texts], item_field=request_doc.inputs[0].name
+        )
+    else:
+        predictions = []
     words = [[c.word for c in p.candidates] + [""] * (k - len(p.candidates)) for p in predictions]
     probs = np.zeros((len(texts), k), dtype=np.float32)
     for i, p in enumerate(predictions):
@@ -314,12 +397,14 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/models/{name}/infer", openapi_extra=_INFER_DOC, responses=_INFER_RESPONSES)
-async def infer(name: str, request: Request, predictor: PredictorDep, settings: SettingsDep) -> Response:
-    """Top-k next words (or completions of the word being typed) for a batch of texts."""
-    return await _infer(request, name, None, predictor, settings)
+async def infer(name: str, request: Request, predictor: PredictorDep, settings: SettingsDep,
+                sessions: SessionsDep) -> Response:
+    """Top-k next words (or completions of the word being typed) for a batch of texts, or for one
+    step of a sequence (``sequence_id``)."""
+    return await _infer(request, name, None, predictor, settings, sessions)
 
 
 @router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_DOC, responses=_INFER_RESPONSES)
 async def infer_version(name: str, version: str, request: Request, predictor: PredictorDep,
-                        settings: SettingsDep) -> Response:
-    return await _infer(request, name, version, predictor, settings)
+                        settings: SettingsDep, sessions: SessionsDep) -> Response:
+    return await _infer(request, name, version, predictor, settings, sessions)

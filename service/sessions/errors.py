@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from service.engine.errors import EngineError
-from service.errors import engine_handler, error_response
+from service.errors import engine_handler, error_response, shaped_error
 
 log = logging.getLogger("service.sessions")
 
@@ -130,7 +130,8 @@ class InvalidSessionInputError(SessionError):
 
 
 async def session_error_handler(request: Request, exc: SessionError) -> JSONResponse:
-    return error_response(exc.status, exc.type, exc.message, exc.field, exc.headers)
+    # Shaped by the path's protocol: sessions also back KServe sequences under /v2.
+    return shaped_error(request, exc.status, exc.type, exc.message, exc.field, exc.headers)
 
 
 @dataclass

@@ -155,14 +155,17 @@ class SessionManager:
 
     async def create(
         self, model: str | None = None, version: int | None = None, text: str = "", k: int = 5,
-        ttl_seconds: float | None = None,
+        ttl_seconds: float | None = None, session_id: str | None = None,
     ) -> SessionResult:
+        """A new session (a random id unless ``session_id`` is given; an existing session with
+        that id must be deleted first)."""
         self.engine.predictor.check_text(text)
         ttl = self.ttl(ttl_seconds)
         lv = self.engine.repository.resolve(model, version)
         now = time.time()
+        sid = check_session_id(session_id) if session_id is not None else new_session_id()
         record = SessionRecord(
-            id=new_session_id(), model=lv.name, version=lv.version, created=now, last_used=now, ttl=ttl, k=k,
+            id=sid, model=lv.name, version=lv.version, created=now, last_used=now, ttl=ttl, k=k,
             state=None, last_id=lv.eos_id,
         )
         result = await self._advance(record, text, k)
