@@ -82,6 +82,14 @@ def choose_device(device: str) -> DeviceChoice:
     return DeviceChoice("auto", (CPU,), note=f"device auto: {reason}, running on CPU")
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass
 class GraphIO:
     inputs: dict[str, list]
@@ -141,7 +149,7 @@ class ModelRuntime:
                 raise DeviceUnavailableError("NEXTWORD_DEVICE=cuda but onnxruntime could not create a CUDA session")
             note = "device auto: CUDA session creation failed, running on CPU"
         runtime = cls(card=card, sessions=sessions, device=device, device_note=note)
-        full = intra_op_threads or os.cpu_count() or 1
+        full = intra_op_threads or _usable_cpus()
         shared = max(1, full // workers)
         if device == "cpu" and workers > 1 and shared < full:
             # Only the predict graph (predictions, sessions, generation) is hot enough to need
