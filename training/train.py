@@ -343,6 +343,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             f"test ppl {test['ppl']:.2f} top1 {test['top1']:.3f} top3 {test['top3']:.3f} top5 {test['top5']:.3f}"
         )
     if distributed:
+        # Tear down together: a rank that destroys its process group while rank 0 is still
+        # evaluating can abort at exit ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
     return summary
 
