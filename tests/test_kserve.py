@@ -50,7 +50,7 @@ def test_health_and_metadata(triton: httpclient.InferenceServerClient) -> None:
     assert triton.is_model_ready("tiny") and triton.is_model_ready("tiny", "1") and triton.is_model_ready("tinygru")
     assert not triton.is_model_ready("nope") and not triton.is_model_ready("tiny", "7")
     server = triton.get_server_metadata()
-    assert server["name"] == "nextword" and "binary_tensor_data" in server["extensions"]
+    assert server["name"] == "nextword" and {"binary_tensor_data", "sequence"} <= set(server["extensions"])
     meta = triton.get_model_metadata("tiny")
     assert meta["name"] == "tiny" and meta["versions"] == ["2", "1"]
     assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]

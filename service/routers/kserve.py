@@ -62,7 +62,7 @@ from service.sessions.errors import SessionExpiredError, SessionNotFoundError
 router = APIRouter(prefix="/v2", tags=["kserve-v2"], route_class=BinaryBodyRoute)
 
 SERVER_NAME = "nextword"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "sequence"]
 PLATFORM = "onnxruntime_onnx"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 WORDS = "words"
