@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -280,8 +280,8 @@ def run_http(ctx: Context) -> list[Row]:
     on, off = results["batching on"][64], results["batching off"][64]
     ratio = on["rps"] / off["rps"]
     formed = max(1, int(round(on["mean_batch"])))
-    raw_b, _ = raw_cached(ctx, formed)
-    raw_1, _ = raw_cached(ctx, 1)
+    raw_b = raw_cached(ctx, formed).rows_per_s
+    raw_1 = raw_cached(ctx, 1).rows_per_s
     ceiling = raw_b / raw_1
     note = ""
     if ratio < TARGET_BATCHING:
@@ -318,8 +318,8 @@ def run_http(ctx: Context) -> list[Row]:
     )
     on1, off1 = one_word["batching on"][64], one_word["batching off"][64]
     formed1 = max(1, int(round(on1["mean_batch"])))
-    raw1_b, _ = raw_cached(ctx, formed1, ONE_WORD)
-    raw1_1, _ = raw_cached(ctx, 1, ONE_WORD)
+    raw1_b = raw_cached(ctx, formed1, ONE_WORD).rows_per_s
+    raw1_1 = raw_cached(ctx, 1, ONE_WORD).rows_per_s
     rows.append(
         Row(
             "http",
@@ -385,7 +385,13 @@ def _batch_feeds(card: Any, rows: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {A.TOKENS: tokens, A.LENGTHS: lengths, **state}
 
 
-def raw_throughput(ctx: Context, batch: int, words: tuple[int, int] = PROMPT_WORDS) -> tuple[float, float]:
+class RawThroughput(NamedTuple):
+    rows_per_s: float  # the better of the two ways below
+    call_s: float  # median seconds of one call at a time on all threads
+    mode: str  # which way gave rows_per_s
+
+
+def raw_throughput(ctx: Context, batch: int, words: tuple[int, int] = PROMPT_WORDS) -> RawThroughput:
     """In-process onnxruntime rows/s on the load generator's texts at ``batch`` rows per call,
     and the median seconds per call of one call at a time.
 
@@ -412,8 +418,7 @@ def raw_throughput(ctx: Context, batch: int, words: tuple[int, int] = PROMPT_WOR
 
     t = measure(call, warmup=ctx.pick(5, 2), repeats=ctx.pick(9, 3), min_time=ctx.pick(0.2, 0.03))
     best = batch / t.median
-    modes = ctx.shared.setdefault("raw_mode", {})
-    modes[batch, words] = f"one call at a time on {ctx.threads} threads"
+    mode = f"one call at a time on {ctx.threads} threads"
     if ctx.threads > 1:
         narrow = ort_session(path, 1)
         for feeds in groups[:2]:
@@ -441,11 +446,11 @@ def raw_throughput(ctx: Context, batch: int, words: tuple[int, int] = PROMPT_WOR
         concurrent = statistics.median(samples)
         if concurrent > best:
             best = concurrent
-            modes[batch, words] = f"{ctx.threads} concurrent calls on 1 thread each"
-    return best, t.median
+            mode = f"{ctx.threads} concurrent calls on 1 thread each"
+    return RawThroughput(best, t.median, mode)
 
 
-def raw_cached(ctx: Context, batch: int, words: tuple[int, int] = PROMPT_WORDS) -> tuple[float, float]:
+def raw_cached(ctx: Context, batch: int, words: tuple[int, int] = PROMPT_WORDS) -> RawThroughput:
     """:func:`raw_throughput`, measured once per batch size and prompt length per run."""
     cache = ctx.shared.setdefault("raw_throughput", {})
     if (batch, words) not in cache:
@@ -462,8 +467,9 @@ def run_overhead(ctx: Context) -> list[Row]:
     m64, m1 = results[64], results[1]
     formed = m64["mean_batch"]
     batch = max(1, int(round(formed)))
-    raw_rps, raw_call = raw_cached(ctx, batch)
-    raw1_rps, raw1_call = raw_cached(ctx, 1)
+    raw = raw_cached(ctx, batch)
+    raw_rps, raw_call = raw.rows_per_s, raw.call_s
+    raw1_call = raw_cached(ctx, 1).call_s
     frac = m64["rps"] / raw_rps
     note = ""
     if frac < TARGET_OVERHEAD and m64["server_cpu_cores"] is not None:
@@ -483,7 +489,7 @@ def run_overhead(ctx: Context) -> list[Row]:
             target=f"≥ {TARGET_OVERHEAD:.0%}",
             met=at_least(frac, TARGET_OVERHEAD),
             display=f"{frac:.0%} ({m64['rps']:.0f} of {raw_rps:.0f} rows/s; batch {formed:.1f} formed, raw at {batch}, "
-            f"{ctx.shared.get('raw_mode', {}).get((batch, PROMPT_WORDS), 'best mode')})",
+            f"{raw.mode})",
             note=note,
             details={
                 "service_rps": m64["rps"],

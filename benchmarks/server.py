@@ -207,16 +207,22 @@ _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def counter_total(text: str, metric: str, labels: dict[str, str] | None = None) -> float:
-    """Sum of a Prometheus counter's series (``<metric>_total`` or ``<metric>``) whose labels include ``labels``."""
+def series_sum(text: str, names: set[str], labels: dict[str, str] | None = None) -> float:
+    """Sum of the samples in Prometheus exposition ``text`` named one of ``names`` whose labels
+    include ``labels``."""
     total = 0.0
     for line in text.splitlines():
         match = _SAMPLE.match(line)
-        if match and match["name"] in (metric, f"{metric}_total"):
+        if match and match["name"] in names:
             have = dict(_LABEL.findall(match["labels"] or ""))
             if all(have.get(k) == v for k, v in (labels or {}).items()):
                 total += float(match["value"])
     return total
+
+
+def counter_total(text: str, metric: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of a Prometheus counter's series (``<metric>_total`` or ``<metric>``) whose labels include ``labels``."""
+    return series_sum(text, {metric, f"{metric}_total"}, labels)
 
 
 def tokens_fed(url: str, model: str) -> float:
@@ -229,18 +235,7 @@ def tokens_fed(url: str, model: str) -> float:
 def histogram_totals(text: str, metric: str, labels: dict[str, str] | None = None) -> tuple[float, float]:
     """``(sum, count)`` of a Prometheus histogram in exposition ``text``, over the series whose
     labels include ``labels``."""
-    total = {"sum": 0.0, "count": 0.0}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if not match:
-            continue
-        name = match["name"]
-        for kind in total:
-            if name == f"{metric}_{kind}":
-                have = dict(_LABEL.findall(match["labels"] or ""))
-                if all(have.get(k) == v for k, v in (labels or {}).items()):
-                    total[kind] += float(match["value"])
-    return total["sum"], total["count"]
+    return series_sum(text, {f"{metric}_sum"}, labels), series_sum(text, {f"{metric}_count"}, labels)
 
 
 def batch_histogram(url: str, model: str) -> tuple[float, float]:

@@ -213,17 +213,7 @@ def run_sessions(ctx: Context) -> list[Row]:
             rows += _pair_rows("HTTP", http["short"], http["long"], stateless, http["tokens"], delay)
             ctx.shared["sessions_http_long_ms"] = http["long"]
         except SessionsUnavailable as exc:
-            rows += [
-                unavailable(
-                    "sessions", f"HTTP one-word update, {LONG:,} vs {SHORT} words", str(exc), f"≤ {TARGET_FLAT:g}×"
-                ),
-                unavailable(
-                    "sessions",
-                    f"stateless /v1/predict on {LONG:,} words vs HTTP session update",
-                    str(exc),
-                    f"≥ {TARGET_VS_STATELESS:g}×",
-                ),
-            ]
+            rows += _unavailable_pair("HTTP", str(exc))
             stateless = None
         try:
             log("sessions: WebSocket updates")
@@ -240,21 +230,20 @@ def run_sessions(ctx: Context) -> list[Row]:
                 stateless = _stateless_ms(client, long_text(LONG), ctx.pick(10, 2))
             rows += _pair_rows("WebSocket", ws["short"], ws["long"], stateless, ws["tokens"], delay)
         except SessionsUnavailable as exc:
-            rows += [
-                unavailable(
-                    "sessions", f"WebSocket one-word update, {LONG:,} vs {SHORT} words", str(exc), f"≤ {TARGET_FLAT:g}×"
-                ),
-                unavailable(
-                    "sessions",
-                    f"stateless /v1/predict on {LONG:,} words vs WebSocket session update",
-                    str(exc),
-                    f"≥ {TARGET_VS_STATELESS:g}×",
-                ),
-            ]
+            rows += _unavailable_pair("WebSocket", str(exc))
         rows.append(_redis_row(ctx, client, words_long, n))
     finally:
         client.close()
     return rows
+
+
+def _unavailable_pair(transport: str, why: str) -> list[Row]:
+    """The two target rows of one transport, when its sessions could not be measured."""
+    return [
+        unavailable("sessions", f"{transport} one-word update, {LONG:,} vs {SHORT} words", why, f"≤ {TARGET_FLAT:g}×"),
+        unavailable("sessions", f"stateless /v1/predict on {LONG:,} words vs {transport} session update", why,
+                    f"≥ {TARGET_VS_STATELESS:g}×"),
+    ]
 
 
 def _redis_row(ctx: Context, memory: _Client, words_long: list[str], n: int) -> Row:

@@ -110,7 +110,6 @@ class ModelRuntime:
     # runs too: two full-width pools on one CPU contend (measured on 2 cores: 1.74 instead of
     # 1.37 ms of CPU per row at batch 30, fewer rows/s than one thread).
     shared_sessions: dict[str, ort.InferenceSession] | None = None
-    shared_threads: int | None = None
 
     @classmethod
     def load(
@@ -155,7 +154,6 @@ class ModelRuntime:
             # Only the predict graph (predictions, sessions, generation) is hot enough to need
             # them; each set holds its own float32 copy of the weights.
             runtime.shared_sessions = create(shared, ("predict",))
-            runtime.shared_threads = shared
         runtime.io = {
             g: GraphIO(
                 inputs={i.name: list(i.shape) for i in s.get_inputs()},
