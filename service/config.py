@@ -103,6 +103,12 @@ class Settings(BaseSettings):
         5.0, ge=0, description="How often expired sessions are reaped and the active-session gauge refreshed "
         "(0 = never; expiry is still enforced on access)."
     )
+    session_row_cache_bytes: int = Field(
+        128 << 20, ge=0, description="Bytes of this process's keystroke cache: each session's last next-word "
+        "distribution, so that an update that commits no word (typing inside a word, backspace) costs no model "
+        "work. A cached session costs 4 x vocabulary size + its state + 1 KB (79,332 bytes for brown-lstm); least "
+        "recently used out first. 0 turns the fast path off (every update runs the model)."
+    )
     session_store_timeout_seconds: float = Field(
         2.0, gt=0, description="Connect/read timeout of Redis calls; past it the session call answers 503."
     )

@@ -61,6 +61,17 @@ SESSION_UPDATE_DURATION = Histogram(
 SESSION_STORE_ERRORS = Counter(
     "nextword_session_store_errors_total", "Session store failures.", ["store", "operation"]
 )
+ROW_CACHE_LOOKUPS = Counter(
+    "nextword_session_row_cache_lookups_total",
+    "Session updates that commit no word, by whether the cached distribution could answer them.", ["result"],
+)
+ROW_CACHE_BYTES = Gauge("nextword_session_row_cache_bytes", "Bytes held by the session distribution cache.")
+ROW_CACHE_ENTRIES = Gauge("nextword_session_row_cache_entries", "Sessions in the session distribution cache.")
+ROW_CACHE_EVICTIONS = Counter(
+    "nextword_session_row_cache_evictions_total", "Cached session distributions dropped by the byte bound."
+)
+for _result in ("hit", "miss"):  # both series exist from the start, so rates read 0 rather than no data
+    ROW_CACHE_LOOKUPS.labels(_result)
 
 # --- generation (incremented by the generation feature) ----------------------------------------
 GENERATED_WORDS = Counter("nextword_generated_words_total", "Words produced by generation endpoints.", ["model"])

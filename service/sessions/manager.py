@@ -21,6 +21,13 @@ is not, the next update rebuilds the state on the model's serving version from t
 ``NEXTWORD_SESSION_REBUILD_WORDS`` committed words (in the same single batched call: the rebuild
 words simply precede the delta's words, from the zero state and ``<eos>``), and reports
 ``rebuilt``.
+
+Keystrokes inside a word cost no model work: an update that commits no word (it appends letters
+to the pending fragment, or changes it with ``replace_pending``, backspace included) needs the
+same distribution as the update before it, so the manager answers it from the row it kept in
+:class:`~service.sessions.row_cache.RowCache` (only the prefix selection runs). The cache is
+checked against the stored state on every use and recomputes on any doubt, so answers are the
+same with it or without it (``NEXTWORD_SESSION_ROW_CACHE_BYTES=0``).
 """
 
 from __future__ import annotations
@@ -29,11 +36,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
 
-from nextword.text import split_text
+from nextword.text import SplitText, split_text
 from service import metrics
 from service.config import Settings
 from service.engine import Engine
@@ -50,6 +58,7 @@ from service.sessions.errors import (
 )
 from service.sessions.memory import MemoryStore
 from service.sessions.redis_store import RedisStore
+from service.sessions.row_cache import RowCache
 from service.sessions.store import SessionRecord, SessionStore, check_session_id, new_session_id
 
 log = logging.getLogger("service.sessions")
@@ -86,6 +95,7 @@ class SessionManager:
         self.engine = engine
         self.settings = settings
         self._store = store
+        self.rows = RowCache(settings.session_row_cache_bytes)
         self._sweeper: asyncio.Task | None = None
         self._stopping = asyncio.Event()  # replaced in start(): an Event belongs to one event loop
 
@@ -115,6 +125,7 @@ class SessionManager:
             if pending:
                 sweeper.cancel()
                 await asyncio.wait({sweeper}, timeout=1)
+        self.rows.clear()
         if self._store is not None:
             await self._store.close()
 
@@ -201,7 +212,8 @@ class SessionManager:
         return await self.store.load(check_session_id(session_id))
 
     async def delete(self, session_id: str) -> None:
-        if not await self.store.delete(check_session_id(session_id)):
+        self.rows.drop(check_session_id(session_id))
+        if not await self.store.delete(session_id):
             # Known-but-gone ids answer session_expired; deleted or unknown ones session_not_found.
             await self.store.load(session_id)
             raise SessionNotFoundError(session_id)
@@ -217,10 +229,28 @@ class SessionManager:
             return repository.resolve(record.model), True
         return lv, not _fits(lv, record)
 
+    def adjust_row(self, lv: LoadedVersion, record: SessionRecord, log_probs: np.ndarray) -> np.ndarray:
+        """The session's final next-word distribution from the model's row, before prefix
+        selection: the hook for per-session adjustments (none yet). What it returns is what the
+        keystroke cache keeps; whatever it reads from ``record`` must be in :meth:`stamp`."""
+        return log_probs
+
+    def stamp(self, record: SessionRecord, tail: list[str]) -> Hashable:
+        """Everything besides the model version and the state arrays that the final row depends
+        on: a cached row is reused only while this is unchanged."""
+        return record.last_id, tuple(tail), record.committed, record.context
+
     async def _advance(self, record: SessionRecord, raw: str, k: int) -> SessionResult:
         split = split_text(raw)
         if len(split.pending) > self.settings.max_text_chars:
             raise PendingTooLongError(len(split.pending), self.settings.max_text_chars)
+        if not split.committed and self.rows.enabled:
+            lv, rebuilt = self._version_for(record)
+            if not rebuilt:
+                row = self.rows.get(record.id, lv, self.stamp(record, split.tail), record.state)
+                if row is not None:
+                    record.pending = split.pending
+                    return self._result(lv, record, row, k, split, rebuilt=False)
         for attempt in range(3):
             lv, rebuilt = self._version_for(record)
             if rebuilt:
@@ -245,7 +275,6 @@ class SessionManager:
                 await asyncio.sleep(0)
                 continue
             assert outputs[-1].log_probs is not None
-            candidates, top = select(lv, outputs[-1].log_probs, k, split.prefix)
             if n:
                 record.state, record.last_id = outputs[0].next_state, int(ids[n - 1])
             elif rebuilt:
@@ -259,11 +288,19 @@ class SessionManager:
             keep = self.settings.session_rebuild_words
             record.recent_words = (record.recent_words + split.committed)[-keep:]
             record.pending = split.pending
-            return SessionResult(
-                record=record, candidates=candidates, prefix=split.prefix, prefix_probability=top.mass,
-                matches=top.matches, context_words=record.context + len(split.tail), rebuilt=rebuilt,
-            )
+            row = self.adjust_row(lv, record, outputs[-1].log_probs)
+            self.rows.put(record.id, lv, self.stamp(record, split.tail), record.state, row)
+            return self._result(lv, record, row, k, split, rebuilt)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _result(lv: LoadedVersion, record: SessionRecord, row: np.ndarray, k: int, split: SplitText,
+                rebuilt: bool) -> SessionResult:
+        candidates, top = select(lv, row, k, split.prefix)
+        return SessionResult(
+            record=record, candidates=candidates, prefix=split.prefix, prefix_probability=top.mass,
+            matches=top.matches, context_words=record.context + len(split.tail), rebuilt=rebuilt,
+        )
 
 
 def _fits(lv: LoadedVersion, record: SessionRecord) -> bool:

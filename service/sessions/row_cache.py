@@ -1,0 +1,129 @@
+"""The keystroke cache: each session's last next-word distribution, so that typing inside a word
+costs no model work.
+
+About five of every six keystrokes only change the fragment being typed; the committed words, and
+so the distribution the fragment is completed from, stay the same. The session manager keeps the
+row it computed last (the session's *final* distribution, before prefix selection) here, and an
+update that commits no word is answered from it: only the prefix selection runs.
+
+The cache is an optimisation, never a source of truth:
+
+* An entry is used only if everything the row was computed from is unchanged: the very model
+  version object (a version unloaded or rewritten in place is a new object), the stored recurrent
+  state (the same arrays, or equal contents when the store decoded a fresh copy), and the
+  manager's ``stamp`` (last token, the words of the pending chunk before the fragment, the
+  committed counts, per-session adjustments). Anything else is a miss, which recomputes from the
+  stored state: another replica served the last update, the entry was evicted, the process
+  restarted, the model changed.
+* It holds at most ``max_bytes`` (``NEXTWORD_SESSION_ROW_CACHE_BYTES``), least recently used out
+  first. An entry costs its row (``4 × vocabulary size`` bytes), its state arrays and
+  :data:`ENTRY_OVERHEAD_BYTES` of bookkeeping.
+
+Event-loop only (no locks): the manager calls it between awaits.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service import metrics
+
+# The Python objects around the arrays (entry, dict slot, weakref, stamp tuple, array header):
+# ~0.3 KB per entry measured with tracemalloc over 1,000 brown-lstm entries; counted as 1 KB so
+# that a longer stamp or fragment stays within the bound.
+ENTRY_OVERHEAD_BYTES = 1024
+
+
+@dataclass(slots=True)
+class _Entry:
+    model: weakref.ref[Any]
+    stamp: Hashable
+    state: dict[str, np.ndarray] | None
+    row: np.ndarray
+    nbytes: int
+
+
+def entry_bytes(row: np.ndarray, state: dict[str, np.ndarray] | None) -> int:
+    """What one cached session costs (the figure the byte bound counts)."""
+    return row.nbytes + sum(a.nbytes for a in (state or {}).values()) + ENTRY_OVERHEAD_BYTES
+
+
+def _same_state(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if a.keys() != b.keys():
+        return False
+    # The memory store hands back the very arrays it was given: identity settles it without
+    # reading them. A store that decodes (Redis) gives equal copies: compare the contents.
+    return all(a[k] is b[k] or np.array_equal(a[k], b[k]) for k in a)
+
+
+class RowCache:
+    """Per-session cached distribution rows, bounded in bytes, LRU."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, session_id: str, model: object, stamp: Hashable,
+            state: dict[str, np.ndarray] | None) -> np.ndarray | None:
+        """The row cached for this session if it was computed from exactly these inputs."""
+        entry = self._entries.get(session_id)
+        if (entry is not None and entry.model() is model and entry.stamp == stamp
+                and _same_state(entry.state, state)):
+            self._entries.move_to_end(session_id)
+            metrics.ROW_CACHE_LOOKUPS.labels("hit").inc()
+            return entry.row
+        metrics.ROW_CACHE_LOOKUPS.labels("miss").inc()
+        return None
+
+    def put(self, session_id: str, model: object, stamp: Hashable, state: dict[str, np.ndarray] | None,
+            row: np.ndarray) -> None:
+        """Remember ``row`` (copied: batch rows are views into a whole batch's output)."""
+        if not self.enabled:
+            return
+        own = np.array(row, dtype=np.float32, copy=True)
+        own.flags.writeable = False
+        nbytes = entry_bytes(own, state)
+        self.drop(session_id)
+        if nbytes > self.max_bytes:
+            return
+        while self._bytes + nbytes > self.max_bytes:
+            _, oldest = self._entries.popitem(last=False)
+            self._account(-oldest.nbytes, -1)
+            metrics.ROW_CACHE_EVICTIONS.inc()
+        self._entries[session_id] = _Entry(weakref.ref(model), stamp, state, own, nbytes)
+        self._account(nbytes, 1)
+
+    def drop(self, session_id: str) -> None:
+        entry = self._entries.pop(session_id, None)
+        if entry is not None:
+            self._account(-entry.nbytes, -1)
+
+    def clear(self) -> None:
+        self._account(-self._bytes, -len(self._entries))
+        self._entries.clear()
+
+    def _account(self, nbytes: int, entries: int) -> None:
+        # Deltas, not set(): several apps in one process (tests) share the module-level gauges.
+        self._bytes += nbytes
+        metrics.ROW_CACHE_BYTES.inc(nbytes)
+        metrics.ROW_CACHE_ENTRIES.inc(entries)
