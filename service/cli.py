@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
+    from service.api.app import create_app
     from service.logging import configure_logging
-    from service.main import create_app
 
     configure_logging(settings.log_level, settings.log_format, uvicorn=settings.log_format == "json")
     uvicorn.run(

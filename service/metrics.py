@@ -1,7 +1,7 @@
 """Prometheus metrics, exactly as listed in ``docs/metrics.md`` (a Grafana dashboard is built on them).
 
 Every metric lives in the default registry at module level, so any part of the service (engine,
-routers, the session and generation features) increments the same objects, and several apps in
+routes, the session and generation features) increments the same objects, and several apps in
 one test process share them instead of registering duplicates.
 
 Labels stay bounded: route *templates* (never raw paths), model names and versions from the
@@ -10,11 +10,7 @@ repository, and small fixed enums. Never user text, session ids or file paths.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
@@ -83,49 +79,7 @@ GENERATION_TTFW = Histogram(
     buckets=_GENERATION_BUCKETS,
 )
 
-UNMATCHED_ROUTE = "unmatched"
-
 
 def render_latest() -> tuple[bytes, str]:
     """The exposition text of the default registry and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-
-
-def route_template(scope: Scope) -> str:
-    """The matched route's template (``/v1/models/{name}``), never the raw path: raw paths would
-    put user-chosen strings in labels and make the series count unbounded."""
-    route = scope.get("route")
-    path = getattr(route, "path_format", None) or getattr(route, "path", None)
-    return path if isinstance(path, str) else UNMATCHED_ROUTE
-
-
-class MetricsMiddleware:
-    """Pure ASGI middleware counting and timing every HTTP request by route template/method/status.
-
-    Pure ASGI (not ``BaseHTTPMiddleware``) so it adds no task hop per request and sees the status
-    of every response, including the JSON errors written by the exception handlers."""
-
-    def __init__(self, app: ASGIApp, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.app = app
-        self.clock = clock
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = self.clock()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = route_template(scope)
-            method = scope.get("method", "GET")
-            REQUESTS.labels(route, method, str(status)).inc()
-            REQUEST_DURATION.labels(route, method).observe(self.clock() - start)

@@ -1,5 +1,5 @@
 """The engine facade: device choice, repository (with its watcher) and predictor, started and
-stopped together. No HTTP in here; ``service.main`` drives it from the FastAPI lifespan."""
+stopped together. No HTTP in here; ``service.api.app`` drives it from the FastAPI lifespan."""
 
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 
 ``SessionManager`` (no HTTP) does the work over a ``SessionStore``: ``MemoryStore`` (default,
 per process) or ``RedisStore`` (``NEXTWORD_SESSION_STORE=redis://...``, shared by replicas). The
-HTTP and WebSocket routes are in ``service.routers.sessions``; see ``docs/service.md``.
+HTTP and WebSocket routes are in ``service.api.routes.sessions``; see ``docs/service.md``.
 """
 
-from service.sessions.errors import SessionError, session_error_handler
+from service.sessions.errors import SessionError
 from service.sessions.manager import SessionManager, SessionResult, create_store
 from service.sessions.memory import MemoryStore
 from service.sessions.redis_store import RedisStore
@@ -13,5 +13,5 @@ from service.sessions.store import SessionRecord, SessionStore, check_session_id
 
 __all__ = [
     "MemoryStore", "RedisStore", "SessionError", "SessionManager", "SessionRecord", "SessionResult", "SessionStore",
-    "check_session_id", "create_store", "session_error_handler",
+    "check_session_id", "create_store",
 ]

@@ -1,39 +1,16 @@
-"""Session errors and how they leave the service.
-
-They carry their HTTP status and error type themselves (unlike engine errors, which stay
-HTTP-free), because sessions exist only as an HTTP/WebSocket feature. :func:`error_body` turns any
-exception a session call may raise (session, engine or validation error) into the service's error
-shape ``{"error": {"type", "message", "field"}}`` plus its status and headers, so the WebSocket
-transport sends exactly what the HTTP one would answer.
+"""Session errors: :class:`~service.engine.errors.ServiceError` subclasses (a type, a message, a
+field, a status and, for "retry" errors, ``retry_after``), rendered by ``service/api/errors.py``
+like every other error, over HTTP and the WebSocket alike.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any
-
-from fastapi import Request
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
-
-from service.engine.errors import EngineError
-from service.errors import engine_handler, error_response, shaped_error
-
-log = logging.getLogger("service.sessions")
+from service.engine.errors import ServiceError
 
 
-class SessionError(Exception):
-    status: int = 400
-    type: str = "session_error"
-
-    def __init__(self, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        self.headers = headers
+class SessionError(ServiceError):
+    status = 400
+    type = "session_error"
 
 
 class InvalidSessionIdError(SessionError):
@@ -77,7 +54,7 @@ class SessionBusyError(SessionError):
     def __init__(self, session_id: str, waited: float) -> None:
         super().__init__(
             f"session {session_id} is being updated by another request and stayed locked for {waited:g} s; retry",
-            "session_id", {"Retry-After": "1"},
+            "session_id", retry_after=1,
         )
 
 
@@ -88,7 +65,7 @@ class SessionConflictError(SessionError):
     def __init__(self, session_id: str) -> None:
         super().__init__(
             f"the update of session {session_id} outlived its lock and was not saved; retry", "session_id",
-            {"Retry-After": "1"},
+            retry_after=1,
         )
 
 
@@ -100,7 +77,7 @@ class SessionStoreUnavailableError(SessionError):
         super().__init__(
             f"the {store} session store is unavailable ({detail}); session calls fail until it is back, "
             "stateless endpoints (/v1/predict, /v1/score) keep working",
-            None, {"Retry-After": "1"},
+            retry_after=1,
         )
 
 
@@ -127,46 +104,3 @@ class PendingTooLongError(SessionError):
 class InvalidSessionInputError(SessionError):
     status = 422
     type = "validation_error"
-
-
-async def session_error_handler(request: Request, exc: SessionError) -> JSONResponse:
-    # Shaped by the path's protocol: sessions also back KServe sequences under /v2.
-    return shaped_error(request, exc.status, exc.type, exc.message, exc.field, exc.headers)
-
-
-@dataclass
-class ErrorBody:
-    status: int
-    body: dict[str, Any]
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-async def error_body(exc: Exception, path: str = "websocket") -> ErrorBody:
-    """The status and ``{"error": {...}}`` body the HTTP API would answer for ``exc``."""
-    if isinstance(exc, SessionError):
-        response = error_response(exc.status, exc.type, exc.message, exc.field, exc.headers)
-    elif isinstance(exc, EngineError):
-        # The HTTP mapping of engine errors, reused as is (it only reads the path, for its log line).
-        response = await engine_handler(SimpleNamespace(url=SimpleNamespace(path=path)), exc)  # type: ignore[arg-type]
-    elif isinstance(exc, ValidationError):
-        return validation_body(exc)
-    else:
-        log.exception("unhandled error on %s", path, exc_info=exc)
-        response = error_response(500, "internal_error", "internal server error")
-    headers = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
-    return ErrorBody(response.status_code, json.loads(bytes(response.body)), headers)
-
-
-def validation_body(exc: ValidationError) -> ErrorBody:
-    """A pydantic validation error in the shape of the HTTP API's 422 ``validation_error``."""
-    details = [
-        {"field": ".".join(str(p) for p in e.get("loc", ())) or None, "message": e.get("msg", ""),
-         "type": e.get("type")}
-        for e in exc.errors()
-    ]
-    first = details[0] if details else {"field": None, "message": "invalid message"}
-    message = f"{first['field']}: {first['message']}" if first["field"] else str(first["message"])
-    body: dict[str, Any] = {"type": "validation_error", "message": message, "field": first["field"]}
-    if len(details) > 1:
-        body["details"] = details
-    return ErrorBody(422, {"error": body})

@@ -27,7 +27,18 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from service.deps import PredictorDep
+from service.api.body import CheckedRoute
+from service.api.deps import PredictorDep
+from service.api.errors import describe_error
+from service.api.protocol.generate import (
+    GeneratedCompletion,
+    GeneratedWordOut,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateUsage,
+    WordAlternative,
+)
+from service.api.protocol.native import ErrorResponse
 from service.engine.errors import EngineError
 from service.engine.generate import (
     CompletionResult,
@@ -38,18 +49,8 @@ from service.engine.generate import (
     GenerationParams,
     Generator,
 )
-from service.errors import CheckedRoute, describe_engine_error
-from service.protocol import ErrorResponse
-from service.protocol_generate import (
-    GeneratedCompletion,
-    GeneratedWordOut,
-    GenerateRequest,
-    GenerateResponse,
-    GenerateUsage,
-    WordAlternative,
-)
 
-log = logging.getLogger("service.routers.generate")
+log = logging.getLogger("service.api.routes.generate")
 
 router = APIRouter(prefix="/v1", tags=["generation"], route_class=CheckedRoute)
 
@@ -139,9 +140,9 @@ async def _stream(generation: Generation, first: Event, events: AsyncIterator[Ev
                 if (chunk := render(event)) is not None:
                     yield chunk
     except EngineError as exc:
-        status, type_, message, field, _ = describe_engine_error(exc)
-        log.warning("generation stream failed after it started: %s", message)
-        yield sse("error", {"status": status, "error": {"type": type_, "message": message, "field": field}})
+        e = describe_error(exc)
+        log.warning("generation stream failed after it started: %s", e.message)
+        yield sse("error", {"status": e.status, "error": {"type": e.type, "message": e.message, "field": e.field}})
         return
     finished.sort(key=lambda c: c.index)
     yield sse("done", {

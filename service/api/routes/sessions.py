@@ -24,13 +24,13 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Response, WebSocket
-from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
-from service.deps import SessionsDep
-from service.errors import CheckedRoute
-from service.protocol import ErrorResponse, WordProbability
-from service.protocol_sessions import (
+from service.api.body import CheckedRoute
+from service.api.deps import SessionsDep
+from service.api.errors import error_body
+from service.api.protocol.native import ErrorResponse, WordProbability
+from service.api.protocol.sessions import (
     SessionCreateRequest,
     SessionInfo,
     SessionPredictions,
@@ -39,13 +39,7 @@ from service.protocol_sessions import (
     StreamOpenQuery,
 )
 from service.sessions import SessionManager, SessionRecord, SessionResult
-from service.sessions.errors import (
-    SessionError,
-    SessionExpiredError,
-    SessionNotFoundError,
-    error_body,
-    validation_body,
-)
+from service.sessions.errors import SessionError, SessionExpiredError, SessionNotFoundError
 
 log = logging.getLogger("service.sessions.stream")
 
@@ -123,7 +117,7 @@ async def delete_session(session_id: str, sessions: SessionsDep) -> Response:
 
 
 async def _send_error(websocket: WebSocket, exc: Exception, seq: int | None) -> int:
-    error = validation_body(exc) if isinstance(exc, ValidationError) else await error_body(exc, websocket.url.path)
+    error = error_body(exc, websocket.url.path)
     await websocket.send_json({"type": "error", "seq": seq, "status": error.status, **error.body})
     return error.status
 

@@ -11,7 +11,7 @@ Fields follow OpenAI's defaults and ranges. Unsupported ones are rejected, as Op
 a model cannot do: ``suffix`` (not null), ``logit_bias`` (not empty: model tokens are words, not
 OpenAI token ids), token-id prompts, ``best_of`` with ``stream``; unknown fields get OpenAI's
 ``Unrecognized request argument supplied``. ``user`` is accepted and ignored. Errors are OpenAI's
-``{"error": {"message", "type", "param", "code"}}`` (see ``service/errors.py``).
+``{"error": {"message", "type", "param", "code"}}`` (see ``service/api/errors.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,20 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service.deps import PredictorDep, RepositoryDep, SettingsDep
+from service.api.body import CheckedRoute
+from service.api.deps import PredictorDep, RepositoryDep, SettingsDep
+from service.api.errors import describe_error, openai_error_body, shaped_error
+from service.api.limits import check_batch_items
+from service.api.protocol.openai import (
+    OPENAI_MAX_STOP,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionUsage,
+    OpenAIModel,
+    OpenAIModelList,
+)
 from service.engine import LoadedVersion, ModelRepository, Predictor
 from service.engine.errors import EngineError, InvalidInputError, ModelNotFoundError, VersionNotFoundError
 from service.engine.generate import (
@@ -44,19 +57,8 @@ from service.engine.generate import (
     WordEvent,
     render_word,
 )
-from service.errors import CheckedRoute, describe_engine_error, openai_error_body, shaped_error
-from service.protocol_generate import (
-    OPENAI_MAX_STOP,
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-    CompletionUsage,
-    OpenAIModel,
-    OpenAIModelList,
-)
 
-log = logging.getLogger("service.routers.openai")
+log = logging.getLogger("service.api.routes.openai")
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"], route_class=CheckedRoute)
 
@@ -251,10 +253,7 @@ async def create_completion(
     ``temperature: 0`` is greedy. With ``stream: true`` the answer is ``text/event-stream`` of
     ``data: {completion chunk}`` events ending with ``data: [DONE]``."""
     prompts = _prompts(body.prompt)
-    if len(prompts) > settings.max_batch_items:
-        raise InvalidInputError(
-            f"{len(prompts)} prompts; the limit is {settings.max_batch_items} (NEXTWORD_MAX_BATCH_ITEMS)", "prompt"
-        )
+    check_batch_items(len(prompts), settings, "prompts", "prompt")
     params, n = _params(body, settings.max_generation_words)
     name, version = parse_model_id(body.model)
     try:
@@ -373,9 +372,9 @@ async def _stream(generations: list[Generation], prompts: list[str], n: int, ech
             else:
                 yield chunk([choice(index, "", None, event.completion.finish_reason)])
     except EngineError as exc:
-        status, type_, message, field, _ = describe_engine_error(exc)
-        log.warning("completion stream failed after it started: %s", message)
-        yield _data(openai_error_body(status, type_, message, field))
+        e = describe_error(exc)
+        log.warning("completion stream failed after it started: %s", e.message)
+        yield _data(openai_error_body(e.status, e.type, e.message, e.field))
         return
     if include_usage:
         yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from service.protocol import MAX_K, WordProbability, _model_field, _Strict, _version_field
+from service.api.protocol.native import MAX_K, WordProbability, _model_field, _Strict, _version_field
 
 
 class SessionCreateRequest(_Strict):

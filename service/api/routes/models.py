@@ -7,11 +7,11 @@ from dataclasses import asdict
 
 from fastapi import APIRouter
 
-from service.deps import EngineDep, RepositoryDep
+from service.api.body import CheckedRoute
+from service.api.deps import EngineDep, RepositoryDep
+from service.api.protocol.native import ErrorResponse, ModelInfo, ModelsResponse, ModelVersionInfo, ReloadResponse
 from service.engine import ModelRepository
 from service.engine.repository import SERVING, VersionInfo
-from service.errors import CheckedRoute
-from service.protocol import ErrorResponse, ModelInfo, ModelsResponse, ModelVersionInfo, ReloadResponse
 
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=CheckedRoute)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from service.api.protocol.native import HealthResponse, ReadyResponse
 from service.metrics import render_latest
-from service.protocol import HealthResponse, ReadyResponse
 
 router = APIRouter(tags=["health"])
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.deps import PredictorDep, SettingsDep
-from service.engine import Prediction, PredictQuery
-from service.engine.errors import InvalidInputError
-from service.errors import CheckedRoute
-from service.protocol import (
+from service.api.body import CheckedRoute
+from service.api.deps import PredictorDep, SettingsDep
+from service.api.limits import check_batch_items
+from service.api.protocol.native import (
     BatchPredictRequest,
     BatchPredictResponse,
     ErrorResponse,
@@ -19,6 +18,7 @@ from service.protocol import (
     WordProbability,
     WordScore,
 )
+from service.engine import Prediction, PredictQuery
 
 router = APIRouter(prefix="/v1", tags=["prediction"], route_class=CheckedRoute)
 
@@ -57,10 +57,7 @@ async def predict(body: PredictRequest, predictor: PredictorDep) -> Response:
 @router.post("/predict/batch", response_model=BatchPredictResponse, responses=_ERRORS)
 async def predict_batch(body: BatchPredictRequest, predictor: PredictorDep, settings: SettingsDep) -> Response:
     """Many predictions in one call; items for the same model version share onnxruntime batches."""
-    if len(body.items) > settings.max_batch_items:
-        raise InvalidInputError(
-            f"{len(body.items)} items; the limit is {settings.max_batch_items} (NEXTWORD_MAX_BATCH_ITEMS)", "items"
-        )
+    check_batch_items(len(body.items), settings, "items", "items")
     queries = [PredictQuery(i.text, i.k, i.model, i.version) for i in body.items]
     return serialized(BatchPredictResponse(results=[to_response(p) for p in await predictor.predict_many(queries)]))
 

@@ -24,7 +24,7 @@ unknown or ended one is a 400. The id is scoped by model name.
 
 Not supported, and rejected with 400 rather than silently ignored: shared-memory tensors and
 classification outputs. ``priority`` and ``timeout`` are accepted and ignored.
-Errors are ``{"error": "<message>"}`` (see ``service/errors.py``).
+Errors are ``{"error": "<message>"}`` (see ``service/api/errors.py``).
 """
 
 from __future__ import annotations
@@ -41,12 +41,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from service.config import Settings
-from service.deps import PredictorDep, RepositoryDep, SessionsDep, SettingsDep
-from service.engine import LoadedVersion, ModelRepository, Prediction, Predictor, PredictQuery
-from service.engine.errors import InvalidInputError, ModelNotFoundError, VersionNotFoundError
-from service.errors import BinaryBodyRoute
-from service.protocol_generate import (
+from service.api.body import BinaryBodyRoute
+from service.api.deps import PredictorDep, RepositoryDep, SessionsDep, SettingsDep
+from service.api.limits import check_batch_items
+from service.api.protocol.kserve import (
     KSERVE_DEFAULT_K,
     KSERVE_MAX_K,
     InferOutputTensor,
@@ -56,6 +54,9 @@ from service.protocol_generate import (
     ServerMetadata,
     TensorMetadata,
 )
+from service.config import Settings
+from service.engine import LoadedVersion, ModelRepository, Prediction, Predictor, PredictQuery
+from service.engine.errors import InvalidInputError, ModelNotFoundError, VersionNotFoundError
 from service.sessions import SessionManager, SessionResult
 from service.sessions.errors import SessionExpiredError, SessionNotFoundError
 
@@ -335,9 +336,7 @@ async def _infer(request: Request, name: str, version: str | None, predictor: Pr
     sequence = _sequence(request_doc)
     wanted = _wanted_outputs(request_doc)
     texts = _texts(request_doc, binary)
-    if len(texts) > settings.max_batch_items:
-        limit = settings.max_batch_items
-        raise KServeInputError(f"{len(texts)} texts; the limit is {limit} (NEXTWORD_MAX_BATCH_ITEMS)")
+    check_batch_items(len(texts), settings, "texts", None)
     lv = _resolve(predictor.repository, name, version)
     predictions: list[Prediction] | list[SessionResult]
     if sequence is not None:

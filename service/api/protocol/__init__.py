@@ -1,0 +1,1 @@
+"""Request and response bodies (pydantic), one module per front end: they are the OpenAPI schema."""

@@ -1,1 +1,0 @@
-"""HTTP routers: prediction/scoring, model management, health and metrics."""
