@@ -2,10 +2,11 @@
 #
 #   make venv        .venv with everything (training + serving + dev tools)
 #   make serve       serve models/ on http://127.0.0.1:8000 from a torch-free .venv-serve
-#   make test        the whole test suite (installs redis-server/prometheus when it can)
+#   make test        the whole test suite (installs redis-server/prometheus/chromium when it can)
 #   make test-quick  the suite without the slow tests
 #   make lint        ruff
 #   make bench       the serving benchmark (BENCH_ARGS=... to pass options)
+#   make demo-png    retake docs/demo.png (the keyboard page in headless Chromium)
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -22,17 +23,17 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 # Modules the full environment must provide; when one is missing `make venv` (re)installs.
-VENV_CHECK := import torch, onnx, onnxruntime, fastapi, uvicorn, numpy, prometheus_client, redis, pydantic_settings, pytest, pytest_timeout, httpx, hypothesis, yaml, kubernetes_validate
-SYSTEM_PACKAGES := redis-server prometheus
+VENV_CHECK := import torch, onnx, onnxruntime, fastapi, uvicorn, numpy, prometheus_client, redis, pydantic_settings, pytest, pytest_timeout, httpx, hypothesis, yaml, kubernetes_validate, selenium
+SYSTEM_PACKAGES := redis-server prometheus chromium chromium-driver
 # The project's own packages present in the tree; each must be importable from outside it (an
 # editable install made before a package existed does not know it: it is then reinstalled).
 PACKAGES := $(patsubst %/__init__.py,%,$(wildcard nextword/__init__.py service/__init__.py training/__init__.py benchmarks/__init__.py))
 PACKAGES_CHECK := import importlib.util as u, sys; sys.exit(any(u.find_spec(p) is None for p in '$(PACKAGES)'.split()))
 
-.PHONY: help venv ensure-venv serve test test-quick lint format bench system-deps clean
+.PHONY: help venv ensure-venv serve test test-quick lint format bench demo-png system-deps clean
 
 help:
-	@sed -n '3,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,10p' Makefile | sed 's/^# \{0,1\}//'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,11 +64,14 @@ serve: $(SERVE_VENV)/.installed
 	NEXTWORD_MODEL_REPOSITORY=$(MODEL_REPOSITORY) NEXTWORD_HOST=$(HOST) NEXTWORD_PORT=$(PORT) \
 	NEXTWORD_SESSION_STORE=memory $(SERVE_VENV)/bin/nextword-serve
 
-# redis-server and prometheus are needed by the end-to-end tests (they skip without them).
+# redis-server, prometheus and chromium (+ its chromedriver) are needed by the end-to-end tests
+# (they skip without them).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "== installing$$missing"; \
@@ -91,6 +95,10 @@ format: ensure-venv
 
 bench: ensure-venv
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# Retake docs/demo.png (the keyboard page in headless Chromium, from its browser test).
+demo-png: ensure-venv
+	NEXTWORD_UPDATE_DEMO_PNG=1 $(PY) -m pytest -q tests/test_keyboard_page.py -k typing
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

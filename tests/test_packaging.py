@@ -501,6 +501,7 @@ def test_ci_script_and_makefile():
     assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
     assert ci.stat().st_mode & 0o111, ".ci/run must be executable"
     assert "redis-server" in text and "prometheus" in text
+    assert "chromium" in text and "chromium-driver" in text  # the keyboard page's browser test
     assert shlex.split(text.strip().splitlines()[-1]) == ["make", "test"]
     makefile = (ROOT / "Makefile").read_text()
     for target in ("venv", "serve", "test", "test-quick", "lint", "bench"):

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from service.api.errors import install_error_handlers
 from service.api.middleware import MetricsMiddleware
-from service.api.routes import generate, health, kserve, models, openai, predict
+from service.api.routes import generate, health, kserve, models, openai, page, predict
 from service.api.routes import sessions as sessions_router
 from service.config import Settings
 from service.engine import Engine
@@ -84,5 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generate.router)  # POST /v1/generate
     app.include_router(openai.router)  # /openai/v1 (OpenAI-compatible)
     app.include_router(kserve.router)  # /v2 (KServe v2 / Open Inference Protocol)
+    app.include_router(page.router)  # GET / (the keyboard page; not in the OpenAPI document)
+    page.mount_static(app)  # /static/ (its script and stylesheet)
     return app
 
