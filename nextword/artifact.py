@@ -115,10 +115,10 @@ def read_card(directory: str | Path) -> ModelCard:
     path = Path(directory) / CARD_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ArtifactError(f"{path} does not exist") from exc
+    except FileNotFoundError as exc:  # messages name files relative to the version (they reach clients)
+        raise ArtifactError(f"{CARD_FILE} does not exist") from exc
     except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+        raise ArtifactError(f"{CARD_FILE} is not valid JSON: {exc}") from exc
     return ModelCard.from_dict(data)
 
 
@@ -138,14 +138,27 @@ def verify_files(directory: str | Path, card: ModelCard) -> None:
             raise ArtifactError(f"{name} checksum mismatch: {actual[:12]} != {expected[:12]}")
 
 
-def version_dirs(repository: str | Path) -> dict[str, dict[int, Path]]:
-    """``{name: {version: path}}`` for every ``<name>/<integer version>/`` in a repository."""
+VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,17})$")  # ASCII digits only: str.isdigit() also takes "²" and "٣"
+
+
+def version_dirs(repository: str | Path, skipped: list[Path] | None = None) -> dict[str, dict[int, Path]]:
+    """``{name: {version: path}}`` for every ``<name>/<integer version>/`` in a repository.
+
+    A version is a directory named with ASCII digits in canonical form (no leading zeros, at most
+    18 digits, so names and numbers map one to one). It is listed whether or not it has a
+    ``model.json``: a loader reports a missing card instead of ignoring the directory. Anything
+    else under a model directory (hidden temporaries, ``²``, ``007``, files) is not a version and
+    never breaks a scan; directories among those are appended to ``skipped`` when given."""
     found: dict[str, dict[int, Path]] = {}
     root = Path(repository)
     if not root.is_dir():
         return found
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and NAME_RE.match(p.name)):
-        for vdir in model_dir.iterdir():
-            if vdir.is_dir() and vdir.name.isdigit() and (vdir / CARD_FILE).exists():
+        for vdir in sorted(model_dir.iterdir()):
+            if not vdir.is_dir():
+                continue
+            if VERSION_RE.match(vdir.name):
                 found.setdefault(model_dir.name, {})[int(vdir.name)] = vdir
+            elif skipped is not None and not vdir.name.startswith("."):
+                skipped.append(vdir)
     return found

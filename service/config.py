@@ -65,8 +65,21 @@ class Settings(BaseSettings):
     max_batch_items: int = Field(64, ge=1, description="Most items in one POST /v1/predict/batch.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body; larger: 413.")
     context_words: int = Field(
-        4096, ge=1, description="Context budget: stateless predict reads only the last N words of the text "
-        "(the response then says truncated=true)."
+        512, ge=1, description="Context budget: stateless predict reads only the last N words of the text "
+        "(the response then says truncated=true). Bounds the cost of one item, so that a full batch request "
+        "(NEXTWORD_MAX_BATCH_ITEMS items at this budget) is served well within the deadline (measured on 2 busy "
+        "cores: 64 items of 4,000 words 4.8 s at 512, 10.6 s at 1024). The default model was trained on 35-word "
+        "windows; 512 words is far beyond what its state carries."
+    )
+    max_score_words: int = Field(
+        4096, ge=1, description="Most words one /v1/score (or OpenAI echo with logprobs) reads; more: 413. Scoring "
+        "reads the whole text, so this bounds its time (measured on 2 busy cores, one intra-op thread: 4,096 words "
+        "2.9 s, 8,192 words 4.8 s, within a 10 s deadline only without other load)."
+    )
+    score_chunk_tokens: int = Field(
+        256, ge=1, description="Scoring runs through the score graph in chunks of at most this many tokens, carrying "
+        "the recurrent state, and a score batch holds at most this many padded tokens: the graph's "
+        "tokens x vocabulary intermediates stay ~18 MB each for the default model whatever the text length."
     )
     max_generation_words: int = Field(
         256, ge=1, description="Most words one completion may generate (max_words / OpenAI max_tokens); "

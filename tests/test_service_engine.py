@@ -434,3 +434,54 @@ def test_select_is_the_public_top_k(tiny: LoadedVersion, reference) -> None:
     candidates, top = select(tiny, lp, 3, "th")
     assert [c.word for c in candidates] == [w for w, _ in reference.top_words("tiny", 2, ["the"], 3, "th")]
     assert top.matches == sum(w.startswith("th") for w in tiny.vocab.itos)
+
+
+def test_long_score_runs_in_state_carrying_chunks(model_repository: Path, reference) -> None:
+    """A text longer than the score chunk is scored chunk by chunk, each starting from the state the
+    previous one ended in: the same numbers as one unchunked pass, with no score batch wider than
+    the chunk (the graph's [time, vocabulary] intermediates are what exhausted memory)."""
+    from service.config import Settings
+
+    settings = Settings(model_repository=model_repository, device="cpu", intra_op_threads=1,
+                        reload_interval_seconds=0, score_chunk_tokens=7)
+    repo = ModelRepository(settings)
+    repo.scan()
+    try:
+        lv = repo.resolve("tiny", 2)
+        widths: list[int] = []
+        real = lv.runtime.run
+
+        def spy(graph, feeds, outputs, shared=False):
+            if graph == "score":
+                widths.append(int(feeds[A.TOKENS].size))
+            return real(graph, feeds, outputs, shared)
+
+        lv.runtime.run = spy
+        text = "the cat sat on the mat . the dog jumps over the lazy fox and the queen said that it was quick "
+        got = asyncio.run(Predictor(repo, settings).score(text, "tiny", 2))
+        words = [w.word for w in got.words]
+        assert len(words) > 3 * 7
+        np.testing.assert_allclose([w.log_prob for w in got.words], reference.score("tiny", 2, words), atol=1e-5)
+        assert len(widths) == -(-len(words) // 7) and max(widths) <= 7
+    finally:
+        repo.close()
+
+
+def test_score_word_limit(repository: ModelRepository) -> None:
+    from service.config import Settings
+    from service.engine.errors import TextTooLongError
+
+    limited = Predictor(repository, Settings(model_repository=repository.root, max_score_words=5))
+    asyncio.run(limited.score("a b c d e", "tiny", 2))
+    with pytest.raises(TextTooLongError, match="6 words.*NEXTWORD_MAX_SCORE_WORDS"):
+        asyncio.run(limited.score("a b c d e f", "tiny", 2))
+
+
+def test_score_batches_respect_their_token_budget(tiny: LoadedVersion) -> None:
+    batcher = make_batcher(tiny, max_score_tokens=8, max_queue_delay=0.05)
+    try:
+        items = [WorkItem(np.arange(2, 6), SCORE, targets=np.arange(3, 7)) for _ in range(5)]
+        results = [f.result(10) for f in batcher.submit_many(items)]
+        assert max(r.batch_size for r in results) == 2  # 2 rows x 4 tokens fill the budget of 8
+    finally:
+        batcher.close()

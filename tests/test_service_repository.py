@@ -229,3 +229,44 @@ def test_watcher_picks_up_new_versions(repo: ModelRepository, export_version) ->
 def test_model_card_checksums_cover_graphs(repo: ModelRepository) -> None:
     card = A.read_card(repo.root / "tiny" / "2")
     assert {"predict.onnx", "score.onnx", "vocab.txt"} <= set(card.files)
+
+
+def test_odd_version_directory_names_never_break_a_scan(repo: ModelRepository, caplog) -> None:
+    """``"²".isdigit()`` is True but ``int("²")`` raises: such a directory broke every scan (start-up,
+    reload, polling). Non-canonical names are skipped with one warning; real versions still load."""
+    for odd in ("²", "٣", "007", "1" * 40, "v3", "3.tmp"):
+        shutil.copytree(repo.root / "tiny" / "2", repo.root / "tiny" / odd)
+    place_version(repo.root / "tiny" / "2", repo.root / "tiny" / "5")
+    with caplog.at_level("WARNING", logger="service.engine.repository"):
+        report = repo.scan()
+        repo.scan()
+    assert report.loaded == [("tiny", 5)] and report.failed == []
+    assert sorted(v.version for v in repo.status("tiny")["tiny"]) == [1, 2, 5]
+    skipped = [r.getMessage() for r in caplog.records if "not a version directory" in r.getMessage()]
+    assert len(skipped) == 6  # once each, not on every poll
+    assert ModelRepository(repo.settings).scan().failed == []  # a fresh start-up scan too
+
+
+def test_version_without_model_json_is_listed_as_failed(repo: ModelRepository, caplog) -> None:
+    target = repo.root / "tiny" / "6"
+    shutil.copytree(repo.root / "tiny" / "2", target)
+    (target / "model.json").unlink()
+    with caplog.at_level("ERROR", logger="service.engine.repository"):
+        report = repo.scan()
+    assert report.failed == [("tiny", 6, "model.json does not exist")]
+    assert any("tiny version 6 failed to load" in r.getMessage() for r in caplog.records)
+    info = {v.version: v for v in repo.status("tiny")["tiny"]}[6]
+    assert info.status == FAILED and info.error == "model.json does not exist"
+    assert repo.resolve("tiny").version == 2
+
+
+def test_load_errors_name_no_absolute_paths(repo: ModelRepository) -> None:
+    target = place_version(repo.root / "tiny" / "2", repo.root / "tiny" / "7")
+    (target / "predict.onnx").write_bytes(b"not a graph")
+    card = json.loads((target / "model.json").read_text())
+    card["files"]["predict.onnx"] = A.sha256_file(target / "predict.onnx")
+    (target / "model.json").write_text(json.dumps(card))
+    report = repo.scan()
+    assert [(n, v) for n, v, _ in report.failed] == [("tiny", 7)]
+    error = report.failed[0][2]
+    assert "onnxruntime cannot load" in error and str(repo.root.resolve()) not in error and str(repo.root) not in error

@@ -12,8 +12,9 @@ stateful sessions/generation share one queue (and its worker threads) per model 
   (:class:`WorkResult`).
 
 Policy (Triton-style): the oldest waiting item waits at most ``max_queue_delay`` for companions;
-a batch holds at most ``max_batch_size`` rows and ``max_batch_tokens`` padded tokens; items of the
-other graph wait for the next round. The queue is bounded (:class:`QueueFullError` when full) and
+a batch holds at most ``max_batch_size`` rows and ``max_batch_tokens`` padded tokens (score batches
+``max_score_tokens``: that graph's intermediates are tokens x vocabulary); items of the other graph
+wait for the next round. The queue is bounded (:class:`QueueFullError` when full) and
 every item has a deadline: an item still queued past it is failed with
 :class:`DeadlineExceededError` instead of being run for a client that has given up.
 
@@ -114,6 +115,7 @@ class Batcher:
         max_batch_size: int = 64,
         max_queue_delay: float = 0.002,
         max_batch_tokens: int = 16384,
+        max_score_tokens: int = 256,
         queue_capacity: int = 1024,
         timeout: float = 10.0,
         retry_after: float = 1.0,
@@ -125,6 +127,9 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay
         self.max_batch_tokens = max_batch_tokens
+        # The score graph materialises [rows, time, vocabulary] log-probs: its batches get a far
+        # smaller padded-token budget than predict's (which keeps only the last position).
+        self.max_score_tokens = max_score_tokens
         self.queue_capacity = queue_capacity
         self.timeout = timeout
         self.retry_after = retry_after
@@ -309,6 +314,7 @@ class Batcher:
         dead: list[tuple[WorkItem, Exception]] = []
         kept: deque[WorkItem] = deque()
         graph: str | None = None
+        budget = self.max_batch_tokens
         longest = 0
         removed = 0
         while self._queue:
@@ -326,10 +332,11 @@ class Batcher:
                 continue
             if graph is None:
                 graph = item.graph
+                budget = self.max_score_tokens if graph == SCORE else self.max_batch_tokens
             if item.graph == graph:
                 n = max(longest, item.tokens.size)
                 # The first item always goes, however long: nothing may starve.
-                if not taken or (len(taken) + 1) * n <= self.max_batch_tokens:
+                if not taken or (len(taken) + 1) * n <= budget:
                     if item.future.set_running_or_notify_cancel():
                         taken.append(item)
                         longest = n

@@ -123,3 +123,15 @@ class TextTooLongError(InvalidInputError):
         super().__init__(f"text has {length} characters; the limit is {limit} (NEXTWORD_MAX_TEXT_CHARS)", field)
         self.length = length
         self.limit = limit
+
+
+class TooManyWordsError(TextTooLongError):
+    """Text within ``NEXTWORD_MAX_TEXT_CHARS`` but with more words than scoring reads (HTTP 413)."""
+
+    def __init__(self, count: int, limit: int, field: str = "text") -> None:
+        InvalidInputError.__init__(
+            self, f"text has {count} words; the most one request may score is {limit} (NEXTWORD_MAX_SCORE_WORDS)",
+            field,
+        )
+        self.length = count
+        self.limit = limit

@@ -7,8 +7,9 @@ renormalised over the matching words. Otherwise the next whole word is predicted
 
 Stateless model input: ``[<eos>] + the last N context words`` (N = ``NEXTWORD_CONTEXT_WORDS``,
 the context budget; the result says ``truncated`` when words were dropped) from the zero state.
-Scoring reads the whole text (bounded by ``NEXTWORD_MAX_TEXT_CHARS``): tokens
-``[<eos>, w1..w(n-1)]`` against targets ``[w1..wn]`` through the score graph.
+Scoring reads the whole text (bounded by ``NEXTWORD_MAX_SCORE_WORDS``): tokens
+``[<eos>, w1..w(n-1)]`` against targets ``[w1..wn]`` through the score graph, in chunks that carry
+the recurrent state (:func:`score_tokens`).
 
 Inference goes through the version's batcher; top-k and prefix selection run afterwards on the
 returned row with numpy (:class:`~service.engine.vocab_index.VocabIndex`), outside any lock.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -27,7 +29,13 @@ import numpy as np
 from nextword.text import split_text, tokenize
 from service.config import Settings
 from service.engine.batcher import PREDICT, SCORE, WorkItem, WorkResult
-from service.engine.errors import BatcherClosedError, InvalidInputError, TextTooLongError
+from service.engine.errors import (
+    BatcherClosedError,
+    DeadlineExceededError,
+    InvalidInputError,
+    TextTooLongError,
+    TooManyWordsError,
+)
 from service.engine.repository import LoadedVersion, ModelRepository
 from service.engine.vocab_index import TopK
 
@@ -191,17 +199,17 @@ class Predictor:
         words = tokenize(text)
         if not words:
             raise InvalidInputError("text contains no words to score", "text")
+        if len(words) > self.settings.max_score_words:
+            raise TooManyWordsError(len(words), self.settings.max_score_words)
 
         async def on(lv: LoadedVersion) -> ScoreResult:
             ids = np.asarray(lv.vocab.encode(words), dtype=np.int64)
             tokens = np.concatenate([[lv.eos_id], ids[:-1]]).astype(np.int64)
-            out = await lv.batcher.run(WorkItem(tokens, SCORE, targets=ids))
-            assert out.target_log_probs is not None and out.target_ranks is not None
-            lps = out.target_log_probs.astype(np.float64)
+            lps, ranks = await score_tokens(lv, tokens, ids, self.settings.request_timeout_seconds)
             unk = lv.vocab.unk_id
             scored = [
                 WordScore(word=w, id=int(i), log_prob=float(lp), rank=int(r), oov=bool(i == unk and w != "<unk>"))
-                for w, i, lp, r in zip(words, ids, lps, out.target_ranks, strict=True)
+                for w, i, lp, r in zip(words, ids, lps, ranks, strict=True)
             ]
             total = float(lps.sum())
             return ScoreResult(
@@ -211,6 +219,33 @@ class Predictor:
 
         return await self.with_version(model, version, on)
 
+
+async def score_tokens(
+    lv: LoadedVersion, tokens: np.ndarray, targets: np.ndarray, timeout: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Log-prob (float64) and rank of ``targets[t]`` after ``tokens[:t+1]``, from the zero state.
+
+    The score graph holds a [time, vocabulary] tensor per intermediate, so a long text runs as
+    consecutive chunks of the batcher's ``max_score_tokens``, each starting from the state the
+    previous one ended in: memory is bounded by the chunk, not the text (25,000 words in one
+    call took 7.7 GB). ``timeout`` is the deadline of the whole text, not of each chunk."""
+    chunk = lv.batcher.max_score_tokens
+    deadline = time.monotonic() + timeout
+    lps = np.empty(tokens.size, dtype=np.float64)
+    ranks = np.empty(tokens.size, dtype=np.int64)
+    state: dict[str, np.ndarray] | None = None
+    for start in range(0, tokens.size, chunk):
+        end = min(start + chunk, tokens.size)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceededError(timeout)
+        item = WorkItem(tokens[start:end], SCORE, state=state, targets=targets[start:end], want_state=end < tokens.size)
+        out = await lv.batcher.run(item, remaining)
+        assert out.target_log_probs is not None and out.target_ranks is not None
+        lps[start:end] = out.target_log_probs
+        ranks[start:end] = out.target_ranks
+        state = out.next_state
+    return lps, ranks
 
 
 def _perplexity(total_log_prob: float, count: int) -> float:

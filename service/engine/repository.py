@@ -141,6 +141,7 @@ class ModelRepository:
         self._versions: dict[str, dict[int, LoadedVersion]] = {}
         self._failures: dict[tuple[str, int], Failure] = {}
         self._scan_lock = threading.Lock()
+        self._skipped_logged: set[Path] = set()
         self._info_labels: set[InfoLabels] = set()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -226,7 +227,15 @@ class ModelRepository:
             current = self._versions
             updated = {name: dict(vs) for name, vs in current.items()}
             to_close: list[LoadedVersion] = []
-            on_disk = A.version_dirs(self.root)
+            skipped: list[Path] = []
+            on_disk = A.version_dirs(self.root, skipped)
+            for path in skipped:
+                if path not in self._skipped_logged:
+                    self._skipped_logged.add(path)
+                    log.warning(
+                        "%s/%s is not a version directory (versions are named 0, 1, 2, ... in ASCII digits): skipped",
+                        path.parent.name, path.name,
+                    )
             if not self.root.is_dir():
                 log.warning("model repository %s does not exist (yet)", self.root)
             for name, versions in on_disk.items():
@@ -241,7 +250,7 @@ class ModelRepository:
                     try:
                         loaded = self.load_version(name, version, path, fp)
                     except Exception as exc:
-                        error = str(exc) or type(exc).__name__
+                        error = _public_error(str(exc) or type(exc).__name__, (path, self.root), f"{name}/{version}")
                         cell = _card_cell(path)
                         self._failures[(name, version)] = Failure(name, version, error, fp, cell=cell)
                         metrics.MODEL_LOADS.labels(name, "failure").inc()
@@ -299,6 +308,7 @@ class ModelRepository:
         batcher = Batcher(
             runtime, model=name, version=version, max_batch_size=s.max_batch_size,
             max_queue_delay=s.max_queue_delay_seconds, max_batch_tokens=s.max_batch_tokens,
+            max_score_tokens=s.score_chunk_tokens,
             queue_capacity=s.queue_capacity, timeout=s.request_timeout_seconds, workers=s.inference_workers,
         ).start()
         return LoadedVersion(
@@ -372,6 +382,15 @@ def _release_info(labels: set[InfoLabels]) -> None:
                 del _info_refs[lbl]
                 with contextlib.suppress(KeyError):
                     metrics.MODEL_VERSION_INFO.remove(*lbl)
+
+
+def _public_error(error: str, paths: tuple[Path, ...], label: str) -> str:
+    """A load error as clients may see it (``/v1/models``, reload reports): onnxruntime and the OS
+    name absolute paths, which say how the host is laid out; the version is named instead."""
+    for path in paths:
+        for form in {str(path.resolve()), str(path.absolute()), str(path)}:
+            error = error.replace(form + "/", label + "/").replace(form, label)
+    return error
 
 
 def _card_cell(path: Path) -> str:

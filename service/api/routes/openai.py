@@ -45,7 +45,13 @@ from service.api.protocol.openai import (
     OpenAIModelList,
 )
 from service.engine import LoadedVersion, ModelRepository, Predictor
-from service.engine.errors import EngineError, InvalidInputError, ModelNotFoundError, VersionNotFoundError
+from service.engine.errors import (
+    EngineError,
+    InvalidInputError,
+    ModelNotFoundError,
+    TextTooLongError,
+    VersionNotFoundError,
+)
 from service.engine.generate import (
     SAMPLE,
     CompletionResult,
@@ -215,6 +221,8 @@ async def _echo_logprobs(predictor: Predictor, prompt: str, lv: LoadedVersion) -
     lps: list[float | None] = []
     try:
         scored = (await predictor.score(prompt, lv.name, lv.version)).words
+    except TextTooLongError:
+        raise
     except InvalidInputError:  # no words at all
         scored = []
     cursor = 0
