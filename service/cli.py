@@ -33,16 +33,22 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from service.api.app import create_app
+    from service.api.shutdown import GracefulServer
     from service.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_format, uvicorn=settings.log_format == "json")
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+        timeout_graceful_shutdown=settings.request_deadline_seconds,
     )
+    GracefulServer(
+        config, app.state.drain, settings.shutdown_delay_seconds, settings.request_deadline_seconds
+    ).run()
 
 
 if __name__ == "__main__":

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
+    shutdown_delay_seconds: float = Field(
+        0.0, ge=0, le=300, description="After SIGTERM, how long nextword-serve keeps serving with /readyz answering "
+        "503, so that load balancers stop sending it work before it closes its WebSockets (1012) and stops "
+        "accepting connections (service/api/shutdown.py). 0 stops at once, still draining what is in flight."
+    )
 
     # --- sessions (used by the stateful-session feature) ---------------------------------------
     session_store: str = Field("memory", description="memory, or a redis://... URL.")
@@ -144,3 +149,10 @@ class Settings(BaseSettings):
     @property
     def max_queue_delay_seconds(self) -> float:
         return self.max_queue_delay_ms / 1000.0
+
+    @property
+    def request_deadline_seconds(self) -> float:
+        """The longest a legitimate request takes: its queue deadline plus two session store
+        round trips, and a second. Bounds the shutdown's wait for requests and WebSockets in
+        flight."""
+        return self.request_timeout_seconds + 2 * self.session_store_timeout_seconds + 1.0

@@ -125,7 +125,7 @@ def test_models_endpoints(client: TestClient) -> None:
 
 def test_health_ready_docs(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"ready": True, "models": {"tiny": 2, "tinygru": 1}}
+    assert client.get("/readyz").json() == {"ready": True, "models": {"tiny": 2, "tinygru": 1}, "draining": False}
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/predict", "/v1/predict/batch", "/v1/score", "/v1/models", "/v1/models/{name}",

@@ -19,6 +19,7 @@ from service.api.errors import install_error_handlers
 from service.api.middleware import MetricsMiddleware
 from service.api.routes import generate, health, kserve, models, openai, page, predict
 from service.api.routes import sessions as sessions_router
+from service.api.shutdown import Drain
 from service.config import Settings
 from service.engine import Engine
 from service.logging import configure_logging
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = sessions
+    app.state.drain = Drain()  # set by nextword-serve's SIGTERM handling (service/api/shutdown.py)
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware)
     app.include_router(predict.router)

@@ -162,3 +162,4 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     ready: bool
     models: dict[str, int] = Field(description="Serving version per loaded model.")
+    draining: bool = Field(False, description="Shutting down: not ready whatever is loaded (service/api/shutdown.py).")

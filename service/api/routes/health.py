@@ -1,4 +1,5 @@
-"""``GET /healthz`` (the process is up), ``GET /readyz`` (a model can answer), ``GET /metrics``."""
+"""``GET /healthz`` (the process is up), ``GET /readyz`` (a model can answer and the process is not
+draining), ``GET /metrics``."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ async def healthz() -> HealthResponse:
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
 async def readyz(request: Request) -> JSONResponse:
-    """200 when at least one model version is loaded, else 503 (keep traffic away)."""
+    """200 when at least one model version is loaded and the process is not shutting down, else
+    503 (keep traffic away)."""
     engine = request.app.state.engine
     serving = engine.repository.serving() if engine.started else {}
-    body = ReadyResponse(ready=bool(serving), models={n: lv.version for n, lv in serving.items()})
-    return JSONResponse(body.model_dump(), status_code=200 if serving else 503)
+    draining = request.app.state.drain.draining
+    ready = bool(serving) and not draining
+    body = ReadyResponse(ready=ready, models={n: lv.version for n, lv in serving.items()}, draining=draining)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
 @router.get("/metrics", include_in_schema=False)

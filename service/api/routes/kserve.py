@@ -94,9 +94,10 @@ async def server_live() -> dict[str, bool]:
 
 @router.get("/health/ready", responses={400: {"description": "Not ready (no model loaded)"}})
 async def server_ready(request: Request) -> JSONResponse:
-    """200 when a model can answer; 400 otherwise (the protocol's "4xx means false")."""
+    """200 when a model can answer and the process is not draining (service/api/shutdown.py); 400
+    otherwise (the protocol's "4xx means false")."""
     engine = request.app.state.engine
-    ready = engine.started and engine.repository.ready
+    ready = engine.started and engine.repository.ready and not request.app.state.drain.draining
     return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
 
 

@@ -14,11 +14,13 @@ WebSocket protocol (JSON text frames):
   cannot start is closed after its error with 1008 (bad request, unknown session) or 1013 (try
   again later: e.g. the session store is unreachable).
 * A socket idle for the session's TTL is closed with code 1000 and a reason.
+* When the process shuts down (``service/api/shutdown.py``), every socket is closed with 1012 after
+  the reply to the message in flight, if any: a message that got no reply was not applied, so
+  the client reconnects (to any replica) and resends it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any
@@ -38,6 +40,7 @@ from service.api.protocol.sessions import (
     StreamMessage,
     StreamOpenQuery,
 )
+from service.api.shutdown import SERVICE_RESTART, Drain, StreamClosing
 from service.sessions import SessionManager, SessionRecord, SessionResult
 from service.sessions.errors import SessionError, SessionExpiredError, SessionNotFoundError
 
@@ -130,9 +133,16 @@ async def _refuse(websocket: WebSocket, exc: Exception) -> None:
     await websocket.close(code, reason=str(getattr(exc, "message", exc)).encode()[:120].decode(errors="ignore"))
 
 
+async def _restarting(websocket: WebSocket) -> None:
+    await websocket.close(SERVICE_RESTART, reason="server restarting: reconnect, resend unanswered messages")
+
+
 @router.websocket("/stream")
 async def stream_new_session(websocket: WebSocket) -> None:
     await websocket.accept()
+    if websocket.app.state.drain.closing:
+        await _restarting(websocket)
+        return
     sessions: SessionManager = websocket.app.state.sessions
     try:
         query = StreamOpenQuery.model_validate(dict(websocket.query_params))
@@ -142,12 +152,16 @@ async def stream_new_session(websocket: WebSocket) -> None:
         return
     info, predictions = info_of(result.record).model_dump(), predictions_of(result).model_dump()
     await websocket.send_json({"type": "session", **info, "predictions": predictions})
-    await _serve(websocket, sessions, result.record)
+    with websocket.app.state.drain.stream():
+        await _serve(websocket, sessions, result.record)
 
 
 @router.websocket("/{session_id}/stream")
 async def stream_session(websocket: WebSocket, session_id: str) -> None:
     await websocket.accept()
+    if websocket.app.state.drain.closing:
+        await _restarting(websocket)
+        return
     sessions: SessionManager = websocket.app.state.sessions
     try:
         record = await sessions.get(session_id)
@@ -155,18 +169,24 @@ async def stream_session(websocket: WebSocket, session_id: str) -> None:
         await _refuse(websocket, exc)
         return
     await websocket.send_json({"type": "session", **info_of(record).model_dump()})
-    await _serve(websocket, sessions, record)
+    with websocket.app.state.drain.stream():
+        await _serve(websocket, sessions, record)
 
 
 async def _serve(websocket: WebSocket, sessions: SessionManager, record: SessionRecord) -> None:
-    """Answer the socket's messages in order until it closes, idles past the TTL or the session goes."""
+    """Answer the socket's messages in order until it closes, idles past the TTL, the session goes
+    or the process shuts down."""
     session_id, idle = record.id, record.ttl
+    drain: Drain = websocket.app.state.drain
     try:
         while True:
             try:
-                message = await asyncio.wait_for(websocket.receive(), timeout=idle)
+                message = await drain.receive(websocket.receive(), idle)
             except TimeoutError:
                 await websocket.close(IDLE_CLOSE, reason=f"idle for {idle:g} s (the session TTL)")
+                return
+            except StreamClosing:
+                await _restarting(websocket)
                 return
             if message["type"] == "websocket.disconnect":
                 return
