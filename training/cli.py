@@ -51,6 +51,25 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="zoneout probability for h and c (lstm, peephole, cifg, gru); 0 disables",
     )
+    g.add_argument(
+        "--locked-dropout",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="variational dropout: the embedding/between-layer/output dropouts draw one mask per sequence, "
+        "shared by every time step",
+    )
+    g.add_argument(
+        "--dropout-words",
+        type=float,
+        default=0.0,
+        help="embedding dropout: drop whole words (every occurrence in the batch) with this probability",
+    )
+    g.add_argument(
+        "--weight-drop",
+        type=float,
+        default=0.0,
+        help="DropConnect on the hidden-to-hidden weights, one mask per batch (all cells; training only)",
+    )
 
 
 def _add_optim(p: argparse.ArgumentParser) -> None:
@@ -89,6 +108,27 @@ def _add_optim(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-eval-tokens", type=int, default=None, help="evaluate only the first N tokens of a split")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    g.add_argument("--ar", type=float, default=0.0, help="activation regularisation: weight of mean(output²)")
+    g.add_argument(
+        "--tar", type=float, default=0.0, help="temporal activation regularisation: weight of mean((h_t − h_t-1)²)"
+    )
+    g.add_argument(
+        "--average",
+        default="none",
+        choices=["none", "ema", "uniform"],
+        help="weight averaging (evaluated, checkpointed and exported in place of the raw weights)",
+    )
+    g.add_argument(
+        "--average-start", type=float, default=0.5, help="fraction of training progress at which averaging starts"
+    )
+    g.add_argument("--ema-decay", type=float, default=0.999, help="decay of --average ema")
+    g.add_argument(
+        "--time-schedule",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="with --time-limit-minutes: the LR decay, the exact-softmax epochs and averaging follow the clock "
+        "when the time limit comes before the epoch budget",
+    )
     g.add_argument("--log-every", type=int, default=25, help="steps between progress/metrics-log updates")
 
 
@@ -102,6 +142,9 @@ MODEL_ARGS = (
     "dropout_output",
     "tied",
     "zoneout",
+    "locked_dropout",
+    "dropout_words",
+    "weight_drop",
 )
 
 

@@ -31,6 +31,25 @@ state unit keeps its previous value with probability p during training,
 ``s' = d ⊙ s + (1 − d) ⊙ s̃`` with d ~ Bernoulli(p); at inference the expectation
 ``s' = p s + (1 − p) s̃``. Applied to h (and c for the LSTM family).
 
+Regularisation (training only; evaluation and the exported graphs compute none of it):
+
+* ``dropout_embedding`` / ``dropout`` / ``dropout_output``: dropout on the layer-0 input, between
+  recurrent layers, and on the decoder input. With ``locked_dropout`` each is *variational*
+  (Gal & Ghahramani 2016): one mask per sequence of the batch, shared by every time step.
+* ``dropout_words`` (embedding dropout, Gal & Ghahramani 2016): whole words are dropped, i.e. one
+  Bernoulli draw per vocabulary entry per batch; a dropped word's embedding is zero at every
+  position where it occurs, the others are scaled by 1/(1 − p).
+* ``weight_drop`` (DropConnect on the recurrent weights, Merity et al. 2017): dropout on the
+  hidden-to-hidden matrices ``weight_hh`` (R above), one mask per batch (forward call) shared by
+  every time step. It applies to every cell: the fused ``nn.LSTM``/``nn.GRU``/``nn.RNN`` layers
+  (plain cells and highway) are then run one layer at a time through ``torch.lstm``/``torch.gru``/
+  ``torch.rnn_tanh`` with the dropped matrix, still fused. Not dropped: peephole vectors (they are
+  diagonal, per unit, not a hidden-to-hidden matrix) and the highway gate ``T_h`` (it reads the
+  layer's output, not the recurrence).
+
+AR/TAR (activation and temporal activation regularisation) and weight averaging are losses and
+optimiser state, not model structure: see ``training/train.py``.
+
 All parameters keep PyTorch's ``nn.LSTM``/``nn.GRU`` names and gate order (i, f, g, o / r, z, n)
 so that export has one layout to read.
 """
@@ -60,6 +79,9 @@ class ModelConfig:
     dropout_output: float = 0.4
     tied: bool = True
     zoneout: float = 0.0
+    locked_dropout: bool = False  # one dropout mask per sequence, shared across time steps
+    dropout_words: float = 0.0  # embedding dropout: drop whole words (vocabulary rows)
+    weight_drop: float = 0.0  # DropConnect on hidden-to-hidden weights
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -70,6 +92,9 @@ class ModelConfig:
             raise ValueError("zoneout must be in [0, 1)")
         if self.num_layers < 1:
             raise ValueError("num_layers must be >= 1")
+        for name in ("dropout_embedding", "dropout", "dropout_output", "dropout_words", "weight_drop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1)")
 
     @property
     def state_names(self) -> list[str]:
@@ -81,6 +106,34 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def sequence_dropout(x: Tensor, p: float, training: bool, locked: bool) -> Tensor:
+    """Dropout on ``[B, T, D]``; ``locked``: one mask per sequence, the same at every time step."""
+    if not training or not p:
+        return x
+    if not locked:
+        return F.dropout(x, p, True)
+    mask = x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1 - p) / (1 - p)
+    return x * mask
+
+
+def word_dropout_scale(tokens: Tensor, vocab_size: int, p: float) -> Tensor:
+    """``[B, T, 1]`` factors: 0 where the word was drawn for dropping (the same for every
+    occurrence of that word in the batch), 1/(1 − p) elsewhere."""
+    keep = torch.empty(vocab_size, device=tokens.device).bernoulli_(1 - p) / (1 - p)
+    return keep[tokens][..., None]
+
+
+def _fused_layer(cell: str, x: Tensor, state: State, weights: list[Tensor], training: bool) -> tuple[Tensor, State]:
+    """One layer of PyTorch's fused recurrence over batch-first ``x``, with explicit weights
+    (``[w_ih, w_hh, b_ih, b_hh]``), so ``w_hh`` can be a dropped copy of the parameter."""
+    if cell in ("lstm", "highway"):
+        y, h, c = torch.lstm(x, (state[0], state[1]), weights, True, 1, 0.0, training, False, True)
+        return y, (h, c)
+    fn = torch.gru if cell == "gru" else torch.rnn_tanh
+    y, h = fn(x, state[0], weights, True, 1, 0.0, training, False, True)
+    return y, (h,)
 
 
 class CustomRecurrent(nn.Module):
@@ -105,11 +158,12 @@ class CustomRecurrent(nn.Module):
                 # rows: p_i, p_f, p_o
                 self.register_parameter(f"peephole_l{layer}", nn.Parameter(torch.empty(3, H).uniform_(-k, k)))
 
-    def _step(self, layer: int, xw: Tensor, state: list[Tensor]) -> list[Tensor]:
-        """One time step of one layer; ``xw`` is W x + b_W already computed."""
+    def _step(self, layer: int, xw: Tensor, state: list[Tensor], w_hh: Tensor) -> list[Tensor]:
+        """One time step of one layer; ``xw`` is W x + b_W already computed, ``w_hh`` is R
+        (dropped under weight drop)."""
         cell = self.cfg.cell
         h = state[0]
-        hw = F.linear(h, getattr(self, f"weight_hh_l{layer}"), getattr(self, f"bias_hh_l{layer}"))
+        hw = F.linear(h, w_hh, getattr(self, f"bias_hh_l{layer}"))
         if cell == "gru":
             xr, xz, xn = xw.chunk(3, dim=-1)
             hr, hz, hn = hw.chunk(3, dim=-1)
@@ -147,14 +201,19 @@ class CustomRecurrent(nn.Module):
 
     def forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         out_state: list[list[Tensor]] = []
-        for layer in range(self.cfg.num_layers):
+        cfg = self.cfg
+        for layer in range(cfg.num_layers):
             if layer:
-                x = F.dropout(x, self.cfg.dropout, self.training)
+                x = sequence_dropout(x, cfg.dropout, self.training, cfg.locked_dropout)
             xw = F.linear(x, getattr(self, f"weight_ih_l{layer}"), getattr(self, f"bias_ih_l{layer}"))
+            # one DropConnect mask per forward call (= per batch), shared by every time step
+            w_hh = getattr(self, f"weight_hh_l{layer}")
+            if self.training and cfg.weight_drop:
+                w_hh = F.dropout(w_hh, cfg.weight_drop)
             s = [t[layer] for t in state]
             ys = []
             for t in range(x.shape[1]):
-                s = self._zoneout(s, self._step(layer, xw[:, t], s))
+                s = self._zoneout(s, self._step(layer, xw[:, t], s, w_hh))
                 ys.append(s[0])
             x = torch.stack(ys, dim=1)
             out_state.append(s)
@@ -180,10 +239,22 @@ class HighwayLSTM(nn.Module):
 
     def forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         hs, cs = [], []
+        cfg = self.cfg
+        drop_weights = self.training and cfg.weight_drop > 0
         for layer, (lstm, gate, carry) in enumerate(zip(self.layers, self.gates, self.carry, strict=True)):
             if layer:
-                x = F.dropout(x, self.cfg.dropout, self.training)
-            h, (hn, cn) = lstm(x, (state[0][layer : layer + 1], state[1][layer : layer + 1]))
+                x = sequence_dropout(x, cfg.dropout, self.training, cfg.locked_dropout)
+            s = (state[0][layer : layer + 1], state[1][layer : layer + 1])
+            if drop_weights:
+                weights = [
+                    lstm.weight_ih_l0,
+                    F.dropout(lstm.weight_hh_l0, cfg.weight_drop),
+                    lstm.bias_ih_l0,
+                    lstm.bias_hh_l0,
+                ]
+                h, (hn, cn) = _fused_layer("lstm", x, s, weights, True)
+            else:
+                h, (hn, cn) = lstm(x, s)
             t = torch.sigmoid(gate(torch.cat([x, h], dim=-1)))
             x = t * h + (1 - t) * carry(x)
             hs.append(hn)
@@ -196,6 +267,7 @@ class NativeRecurrent(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         kind = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cfg.cell]
         self.net = kind(
             cfg.embedding_size,
@@ -206,11 +278,28 @@ class NativeRecurrent(nn.Module):
         )
 
     def forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        cfg = self.cfg
+        if self.training and (cfg.weight_drop or (cfg.locked_dropout and cfg.dropout and cfg.num_layers > 1)):
+            return self._layer_by_layer(x, state)
         if len(state) == 2:
             y, (h, c) = self.net(x, (state[0], state[1]))
             return y, (h, c)
         y, h = self.net(x, state[0])
         return y, (h,)
+
+    def _layer_by_layer(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """Training with weight drop or locked dropout between layers: one fused layer at a time
+        (``nn.LSTM``'s own inter-layer dropout draws a fresh mask per time step)."""
+        cfg, net = self.cfg, self.net
+        outs: list[State] = []
+        for layer in range(cfg.num_layers):
+            if layer:
+                x = sequence_dropout(x, cfg.dropout, True, cfg.locked_dropout)
+            w = [getattr(net, f"{k}_l{layer}") for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            w[1] = F.dropout(w[1], cfg.weight_drop, cfg.weight_drop > 0)
+            x, s = _fused_layer(cfg.cell, x, tuple(t[layer : layer + 1] for t in state), w, True)
+            outs.append(s)
+        return x, tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
 
 def make_recurrent(cfg: ModelConfig) -> nn.Module:
@@ -246,20 +335,28 @@ class LanguageModel(nn.Module):
         shape = (self.cfg.num_layers, batch, self.cfg.hidden_size)
         return tuple(torch.zeros(shape, device=device) for _ in self.cfg.state_names)
 
-    def features(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
-        """Decoder inputs for every position ``[B, T, D]`` and the state after the last one."""
-        x = F.dropout(self.embedding(tokens), self.cfg.dropout_embedding, self.training)
-        y, state = self.recurrent(x, state)
-        if self.projection is not None:
-            y = self.projection(y)
-        return F.dropout(y, self.cfg.dropout_output, self.training), state
+    def features(self, tokens: Tensor, state: State, with_hidden: bool = False) -> tuple[Tensor, ...]:
+        """Decoder inputs for every position ``[B, T, D]`` and the state after the last one (with
+        ``with_hidden``, also the last layer's output before output dropout, for TAR)."""
+        cfg = self.cfg
+        x = self.embedding(tokens)
+        if self.training and cfg.dropout_words:
+            x = x * word_dropout_scale(tokens, cfg.vocab_size, cfg.dropout_words)
+        x = sequence_dropout(x, cfg.dropout_embedding, self.training, cfg.locked_dropout)
+        hidden, state = self.recurrent(x, state)
+        y = hidden if self.projection is None else self.projection(hidden)
+        y = sequence_dropout(y, cfg.dropout_output, self.training, cfg.locked_dropout)
+        return (y, state, hidden) if with_hidden else (y, state)
 
-    def forward(self, tokens: Tensor, state: State, features_only: bool = False) -> tuple[Tensor, State]:
+    def forward(
+        self, tokens: Tensor, state: State, features_only: bool = False, with_hidden: bool = False
+    ) -> tuple[Tensor, ...]:
         """Log-probabilities of the next word at every position ``[B, T, V]`` (or, with
-        ``features_only``, the decoder inputs, for losses that never form the full softmax)."""
-        y, state = self.features(tokens, state)
+        ``features_only``, the decoder inputs, for losses that never form the full softmax;
+        ``with_hidden`` as in :meth:`features`)."""
         if features_only:
-            return y, state
+            return self.features(tokens, state, with_hidden)
+        y, state = self.features(tokens, state)
         return F.log_softmax(self.decoder(y), dim=-1), state
 
     def num_parameters(self) -> int:

@@ -21,7 +21,9 @@ def plot_run(run: Path, out: Path | None = None) -> Path:
     valid = [r for r in records if r["event"] == "valid"]
     if not train:
         raise ValueError(f"{run / 'metrics.jsonl'} has no training records")
-    fig, (ax_ppl, ax_tps) = plt.subplots(1, 2, figsize=(12, 4.5))
+    penalties = [k for k in ("ar", "tar") if any(k in r for r in train)]
+    fig, axes = plt.subplots(1, 3 if penalties else 2, figsize=(18 if penalties else 12, 4.5))
+    ax_ppl, ax_tps = axes[0], axes[1]
     sampled = [r for r in train if not r.get("exact_softmax", True)]
     exact = [r for r in train if r.get("exact_softmax", True)]
     if sampled:
@@ -32,6 +34,19 @@ def plot_run(run: Path, out: Path | None = None) -> Path:
         ax_ppl.plot([r["step"] for r in exact], [r["ppl"] for r in exact], label="train (exact softmax)", alpha=0.7)
     if valid:
         ax_ppl.plot([r["step"] for r in valid], [r["ppl"] for r in valid], "o-", label="valid")
+        averaged = [r for r in valid if r.get("averaged")]
+        if averaged:
+            ax_ppl.plot(
+                [r["step"] for r in averaged],
+                [r["ppl"] for r in averaged],
+                "s",
+                mfc="none",
+                ms=10,
+                label="valid (averaged weights)",
+            )
+    started = next((r["step"] for r in train if r.get("averaging")), None)
+    if started is not None:
+        ax_ppl.axvline(started, color="grey", linestyle="--", label="weight averaging starts")
     ax_ppl.set_yscale("log")
     ax_ppl.set_xlabel("step")
     ax_ppl.set_ylabel("perplexity")
@@ -41,6 +56,14 @@ def plot_run(run: Path, out: Path | None = None) -> Path:
     ax_tps.set_xlabel("step")
     ax_tps.set_ylabel("training tokens / s")
     ax_tps.grid(True, alpha=0.3)
+    if penalties:
+        for key in penalties:
+            rows = [r for r in train if key in r]
+            axes[2].plot([r["step"] for r in rows], [r[key] for r in rows], label=key.upper())
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("penalty added to the loss")
+        axes[2].grid(True, alpha=0.3)
+        axes[2].legend()
     fig.suptitle(run.name)
     fig.tight_layout()
     out = out or run / "curves.png"

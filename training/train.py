@@ -6,10 +6,27 @@ Why a sampled softmax: with an ~18k-word vocabulary the output layer costs ~3/4 
 training step on a 2-core CPU. Sampling 1–2k negatives (unigram^0.75 proposal, log-Q corrected,
 Jean et al. 2015) makes a step ~3× cheaper; the last epochs switch to the exact softmax so the
 final model is trained on the same objective it is evaluated on.
+
+Regularisation beyond the model's dropouts (``training/model.py``):
+
+* AR/TAR (Merity et al. 2017): ``ar`` × mean square of the (dropped) decoder input, and ``tar`` ×
+  mean square of the step-to-step change of the last recurrent layer's (undropped) output, added
+  to the training loss. The logged ``loss``/``ppl`` stay the cross-entropy alone; the two terms
+  are logged beside it.
+* Weight averaging (``average``: ``ema`` or ``uniform``, see ``training/averaging.py``) from
+  ``average_start`` (a fraction of training progress) on; validation, checkpoints' ``model`` and
+  therefore export use the averaged weights.
+
+``time_schedule``: with ``time_limit_minutes``, training progress is the larger of the step
+fraction and the elapsed fraction of the time limit, and the cosine LR, the switch to the exact
+softmax (the last ``full_softmax_epochs / epochs`` of progress) and the start of averaging all
+follow it, so a run cut by its time limit still ends with a decayed LR, exact-softmax steps and
+an average. (Runs with it are reproducible only up to machine speed.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +44,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from nextword.vocab import Vocab
+from training.averaging import WeightAverage
 from training.data import Splits, build_vocab, load_corpus
 from training.metrics import StreamMetrics
 from training.model import LanguageModel, ModelConfig, State
@@ -59,6 +77,12 @@ class TrainConfig:
     valid_tokens: int | None = 40000  # validation during training reads the first N tokens (full split at the end)
     max_eval_tokens: int | None = None
     threads: int | None = None
+    ar: float = 0.0  # activation regularisation weight
+    tar: float = 0.0  # temporal activation regularisation weight
+    average: str = "none"  # weight averaging: none, ema or uniform
+    average_start: float = 0.5  # fraction of training progress at which averaging starts
+    ema_decay: float = 0.999
+    time_schedule: bool = False  # LR/exact softmax/averaging follow the time limit too
     model: dict[str, Any] = field(default_factory=dict)
 
 
@@ -136,11 +160,16 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _lr_lambda(cfg: TrainConfig, total_steps: int):
+def _lr_lambda(cfg: TrainConfig, total_steps: int, clock: dict[str, float] | None = None):
+    """Warm-up then cosine decay; with a ``clock``, progress is at least ``clock["progress"]``
+    (the elapsed fraction of the time limit)."""
+
     def fn(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        if clock is not None:
+            progress = max(progress, min(1.0, clock["progress"]))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
@@ -202,7 +231,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         total_steps = min(total_steps, math.ceil(cfg.max_train_tokens / (cfg.batch_size * world * cfg.bptt)))
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+    timed = cfg.time_schedule and bool(cfg.time_limit_minutes)
+    clock = {"progress": 0.0}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps, clock if timed else None))
+    averager = WeightAverage(cfg.average, cfg.ema_decay) if cfg.average != "none" else None
+    exact_from = 1.0 - cfg.full_softmax_epochs / cfg.epochs  # progress where a timed run goes exact
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     counts = np.bincount(train_ids, minlength=len(vocab)).astype(np.float64)
     sampler = NegativeSampler(counts, cfg.samples, generator) if cfg.softmax == "sampled" else None
@@ -214,7 +247,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             raise CheckpointError(f"--resume given but {last_path} does not exist")
         saved = torch.load(last_path, map_location="cpu", weights_only=False)
         _check_resume(saved, cfg, model_cfg)
-        model.load_state_dict(saved["model"])
+        model.load_state_dict(saved.get("train_model", saved["model"]))
+        if averager is not None and "average" in saved:
+            averager.load_state_dict(saved["average"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         start_epoch, step = saved["epoch"] + 1, saved["step"]
@@ -240,30 +275,47 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         state = model.initial_state(data.shape[0])
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_process, leave=True)
         window_loss, window_tokens, window_start = 0.0, 0, time.time()
+        window_ar = window_tar = 0.0
         for start in range(0, data.shape[1] - 1, cfg.bptt):
             x = data[:, start : start + cfg.bptt]
             y = data[:, start + 1 : start + 1 + cfg.bptt]
             x = x[:, : y.shape[1]]
+            if timed:
+                clock["progress"] = (time.time() - started) / (cfg.time_limit_minutes * 60)
+                exact = exact or (sampler is not None and clock["progress"] >= exact_from)
             state = detach(state)
-            feats, state = _features(net, model, x, state)
+            feats, state, hidden = _features(net, model, x, state)
             loss = full_softmax_loss(model, feats, y) if exact else sampled_softmax_loss(model, feats, y, sampler)
+            ar_term, tar_term = activation_penalties(cfg, feats, hidden)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + ar_term + tar_term).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             optimizer.step()
             scheduler.step()
             step += 1
+            if averager is not None and max(step / total_steps, clock["progress"]) >= cfg.average_start:
+                averager.update(model)
             window_loss += loss.item() * y.numel()
+            window_ar += float(ar_term.detach()) * y.numel()
+            window_tar += float(tar_term.detach()) * y.numel()
             window_tokens += y.numel()
             bar.update(1)
             if step % cfg.log_every == 0:
                 tps = window_tokens * world / (time.time() - window_start)
                 mean = window_loss / window_tokens
+                extra: dict[str, Any] = {}
+                if cfg.ar:
+                    extra["ar"] = window_ar / window_tokens
+                if cfg.tar:
+                    extra["tar"] = window_tar / window_tokens
+                if averager is not None:
+                    extra["averaging"] = averager.active
                 bar.set_postfix(
                     loss=f"{mean:.3f}",
                     ppl=f"{math.exp(mean):.1f}",
                     tok_s=f"{tps:.0f}",
                     lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                    **{k: (("on" if v else "off") if isinstance(v, bool) else f"{v:.3f}") for k, v in extra.items()},
                 )
                 log.write(
                     event="train",
@@ -275,8 +327,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                     tokens_per_s=tps,
                     lr=scheduler.get_last_lr()[0],
                     elapsed_s=time.time() - started,
+                    **extra,
                 )
                 window_loss, window_tokens, window_start = 0.0, 0, time.time()
+                window_ar = window_tar = 0.0
             if (cfg.time_limit_minutes and time.time() - started > cfg.time_limit_minutes * 60) or step >= total_steps:
                 budget_spent = True
                 break
@@ -284,19 +338,31 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
         stop = torch.zeros(2)
         if main_process:
-            valid = evaluate(model, valid_ids, cfg.eval_bptt, _min_opt(cfg.max_eval_tokens, cfg.valid_tokens))
+            averaged = averager is not None and averager.active
+            with averager.applied(model) if averaged else contextlib.nullcontext():
+                valid = evaluate(model, valid_ids, cfg.eval_bptt, _min_opt(cfg.max_eval_tokens, cfg.valid_tokens))
+                # clone the averaged weights: leaving the block puts the raw ones back
+                evaluated_weights = {k: v.clone() for k, v in model.state_dict().items()} if averaged else None
             improved = valid["ppl"] < best_valid
             best_valid = min(best_valid, valid["ppl"])
             bad_epochs = 0 if improved else bad_epochs + 1
+            averaging = {"averaged": averaged, "average_steps": averager.count} if averager is not None else {}
             log.write(
-                event="valid", epoch=epoch, step=step, exact_softmax=exact, elapsed_s=time.time() - started, **valid
+                event="valid",
+                epoch=epoch,
+                step=step,
+                exact_softmax=exact,
+                elapsed_s=time.time() - started,
+                **averaging,
+                **valid,
             )
             tqdm.write(
                 f"epoch {epoch + 1}: valid ppl {valid['ppl']:.2f} top1 {valid['top1']:.3f}"
-                f"{' (best)' if improved else ''}"
+                f"{' (averaged weights)' if averaged else ''}{' (best)' if improved else ''}"
             )
             checkpoint = {
-                "model": model.state_dict(),
+                # the weights evaluated above (averaged ones once averaging runs): what export reads
+                "model": evaluated_weights or model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch,
@@ -308,6 +374,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 "model_config": model_cfg.to_dict(),
                 "train_config": asdict(cfg),
             }
+            if averager is not None:
+                checkpoint["train_model"] = model.state_dict()  # resume continues from the raw weights
+                checkpoint["average"] = averager.state_dict()
             torch.save(checkpoint, last_path)
             if improved:
                 torch.save(checkpoint, best_path)
@@ -354,9 +423,18 @@ def _min_opt(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else min(a, b)
 
 
-def _features(net: torch.nn.Module, model: LanguageModel, x: Tensor, state: State) -> tuple[Tensor, State]:
+def _features(net: torch.nn.Module, model: LanguageModel, x: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
     # Under DDP the wrapped module's forward must run for gradients to be all-reduced, so route
     # through it and have it return decoder inputs rather than log-probabilities.
     if net is model:
-        return model.features(x, state)
-    return net(x, state, features_only=True)
+        return model.features(x, state, with_hidden=True)
+    return net(x, state, features_only=True, with_hidden=True)
+
+
+def activation_penalties(cfg: TrainConfig, feats: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """AR: ``ar`` × mean square of the dropped decoder input; TAR: ``tar`` × mean square of the
+    change between consecutive time steps of the last layer's undropped output."""
+    zero = feats.new_zeros(())
+    ar = cfg.ar * feats.pow(2).mean() if cfg.ar else zero
+    tar = cfg.tar * (hidden[:, 1:] - hidden[:, :-1]).pow(2).mean() if cfg.tar and hidden.shape[1] > 1 else zero
+    return ar, tar
