@@ -7,6 +7,7 @@ The page's screenshot is written to ``docs/demo.png`` when ``NEXTWORD_UPDATE_DEM
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -34,7 +35,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 PROMPT = "the president of the united st"
 
@@ -192,6 +193,24 @@ def test_typing_in_the_browser(browser: Any, start_server: Callable, tmp_path: P
     assert len(text_of(driver)) > len(before) and text_of(driver).startswith(before)
     assert "Continue" not in message(driver), message(driver)
 
+    # Keyboard only: Esc hides the suggestions, then Tab leaves the text box for the next control.
+    box.send_keys(Keys.ESCAPE, Keys.TAB)
+    assert driver.switch_to.active_element.get_attribute("id") == "continue"
+
+    # The model/version picker (from /v1/models) opens a session on the chosen version.
+    picker = Select(driver.find_element(By.ID, "model"))
+    picker.select_by_index(1)  # brown-lstm, version 1 named explicitly
+    wait_for(driver, lambda d: "model changed" in status(d), "a session on the chosen version")
+    assert " v1" in status(driver)
+
+    # A long, non-ASCII text opens its session with a tail that fits in the URL.
+    long_text = "Grüße, 東京 😀 and more words " * 700 + PROMPT
+    driver.execute_script(
+        "const t = document.getElementById('text'); t.value = arguments[0];"
+        "t.setSelectionRange(t.value.length, t.value.length); t.dispatchEvent(new Event('input'));", long_text)
+    wait_for(driver, lambda d: page_state(d, "sent") == long_text and "states" in chip_words(d), "the long text")
+    assert len(driver.execute_script("return window.__nextword.socket.url")) < 6500
+
     problems = [e["message"] for e in driver.get_log("browser")
                 if e["level"] == "SEVERE" and ("Uncaught" in e["message"] or "Content Security Policy" in e["message"])]
     assert not problems, problems
@@ -208,3 +227,28 @@ def test_no_model_loaded_is_a_message_not_a_frozen_page(browser: Any, start_serv
     box.send_keys("still typing")
     assert text_of(driver) == "still typing"
     assert "Traceback" not in driver.page_source
+
+
+def test_status_says_when_the_session_was_rebuilt(browser: Any, start_server: Callable, tmp_path: Path) -> None:
+    # Two versions of the shipped model; the session starts on the newest, which then goes away.
+    repository = tmp_path / "models"
+    shipped = next(SHIPPED_MODELS.glob("*/*/model.json")).parent
+    shutil.copytree(shipped, repository / shipped.parent.name / "1")
+    second = shutil.copytree(shipped, repository / shipped.parent.name / "2")
+    card = json.loads((second / "model.json").read_text())
+    (second / "model.json").write_text(json.dumps({**card, "version": 2}))
+    server = start_server(repository)
+    driver = browser
+    driver.get(server.url + "/")
+    box = driver.find_element(By.ID, "text")
+    box.send_keys("the united ")
+    wait_for(driver, lambda d: page_state(d, "sent") == "the united " and "session kept" in status(d), "a session")
+    assert page_state(driver, "last.version") == 2
+    shutil.rmtree(repository / shipped.parent.name / "2")
+    assert httpx.post(f"{server.url}/v1/models/reload", timeout=30).json()["unloaded"] == [f"{shipped.parent.name}/2"]
+    box.send_keys("s")
+    wait_for(driver, lambda d: "session rebuilt on version 1" in status(d), "the rebuilt note")
+    assert "goes on with version 1" in message(driver)
+    box.send_keys("t")
+    kept = f"session kept · {shipped.parent.name} v1"
+    wait_for(driver, lambda d: kept in status(d) and "states" in chip_words(d), "the next keystroke")

@@ -11,6 +11,7 @@
 
 (() => {
   const MAX_URL_TEXT = 2000; // characters of text sent in the URL that opens a session (the tail)
+  const MAX_URL_BYTES = 6000; // ... and at most this long once percent-encoded
   const MAX_DELTA = 4000; // a bigger change restarts the session (the server caps one delta)
   const MAX_BACKOFF_MS = 5000;
   const FRIENDLY = {
@@ -130,21 +131,29 @@
     state.sessionId = null;
   }
 
+  // Where the text that opens a session starts: all of it when it fits in the URL, else a tail cut
+  // at a word boundary (plenty of context for the next word; servers cap a request line near 8 KB).
+  function tailStart(full) {
+    // Never start between the two halves of a surrogate pair (encodeURIComponent throws on it).
+    const whole = (i) => (i > 0 && i < full.length && /[\uDC00-\uDFFF]/.test(full[i]) ? i + 1 : i);
+    let start = whole(Math.max(0, full.length - MAX_URL_TEXT));
+    while (start < full.length && encodeURIComponent(full.slice(start)).length > MAX_URL_BYTES) {
+      start = whole(start + Math.ceil((full.length - start) / 2));
+    }
+    if (start > 0) {
+      const space = full.slice(start).search(/\s/);
+      start = space < 0 ? start : start + space + 1;
+    }
+    return start;
+  }
+
   function openSession(note) {
     clearTimeout(state.reconnectTimer);
     state.reconnectTimer = null;
     dropSocket();
     state.idle = false;
     const full = beforeCaret();
-    let start = 0;
-    if (full.length > MAX_URL_TEXT) {
-      // A long text opens the session with its tail, cut at a word boundary: plenty of context
-      // for the next word, and the URL stays small.
-      const cut = full.length - MAX_URL_TEXT;
-      const space = full.slice(cut).search(/\s/);
-      start = space < 0 ? cut : cut + space + 1;
-    }
-    const socket = new WebSocket(streamURL(full.slice(start)));
+    const socket = new WebSocket(streamURL(full.slice(tailStart(full))));
     state.socket = socket;
     state.sent = full;
     state.seq = 0;
@@ -179,8 +188,9 @@
       state.failures = 0;
       clearMessage("connection");
       const opening = state.opening || { t0: performance.now(), note: "new session" };
-      if (msg.predictions) show(msg.predictions, performance.now() - opening.t0, opening.note);
-      sync(); // whatever was typed while the socket opened
+      // Text typed while the socket opened is sent now, and its reply shown instead.
+      if (msg.predictions && beforeCaret() === state.sent) show(msg.predictions, performance.now() - opening.t0, opening.note);
+      sync();
     } else if (msg.type === "predictions") {
       const t0 = state.inflight.get(msg.seq);
       state.inflight.delete(msg.seq);
@@ -189,6 +199,10 @@
       clearMessage("connection");
       const note = msg.rebuilt ? `session rebuilt on version ${msg.version}` : "session kept";
       show(msg, t0 === undefined ? NaN : performance.now() - t0, note);
+      if (msg.rebuilt) {
+        showMessage(`The session's model version was unloaded; it goes on with version ${msg.version},`
+          + " rebuilt from its recent words.", "notice");
+      }
     } else if (msg.type === "error") {
       state.inflight.delete(msg.seq);
       state.lastError = msg;
