@@ -98,7 +98,10 @@ class Settings(BaseSettings):
     )
 
     # --- sessions (used by the stateful-session feature) ---------------------------------------
-    session_store: str = Field("memory", description="memory, or a redis://... URL.")
+    session_store: str = Field(
+        "memory", description="memory, a redis://... URL (one Redis or primary), or redis+cluster://host:port "
+        "(Redis Cluster: any one node, the others are discovered)."
+    )
     session_ttl_seconds: float = Field(1800.0, gt=0, description="Idle time after which a session expires.")
     max_sessions: int = Field(
         100_000, ge=1, description="Most live sessions per store: the memory store evicts the least recently "
@@ -142,8 +145,9 @@ class Settings(BaseSettings):
     @field_validator("session_store")
     @classmethod
     def _store(cls, value: str) -> str:
-        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("session_store must be 'memory' or a redis:// URL")
+        schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        if value != "memory" and not value.startswith(schemes):
+            raise ValueError("session_store must be 'memory', a redis:// URL or a redis+cluster:// URL")
         return value
 
     @property

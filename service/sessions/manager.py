@@ -57,6 +57,8 @@ from service.sessions.errors import (
     SessionStoreUnavailableError,
 )
 from service.sessions.memory import MemoryStore
+from service.sessions.redis_cluster import SCHEMES as CLUSTER_SCHEMES
+from service.sessions.redis_cluster import RedisClusterStore
 from service.sessions.redis_store import RedisStore
 from service.sessions.row_cache import RowCache
 from service.sessions.store import SessionRecord, SessionStore, check_session_id, new_session_id
@@ -84,7 +86,8 @@ def create_store(settings: Settings) -> SessionStore:
     # slower than that is refused at save time. It also bounds how long a session stays locked by a
     # replica that died mid-update.
     lease = settings.request_timeout_seconds + 2 * settings.session_store_timeout_seconds + 1.0
-    return RedisStore(
+    cluster = settings.session_store.startswith(tuple(CLUSTER_SCHEMES))
+    return (RedisClusterStore if cluster else RedisStore)(
         settings.session_store, settings.max_sessions, lock_timeout=settings.session_lock_timeout_seconds,
         lock_lease=lease, timeout=settings.session_store_timeout_seconds,
     )

@@ -21,8 +21,11 @@ Layout (all under ``nextword:``):
 Every Redis failure (connection refused, timeout) is counted in
 ``nextword_session_store_errors_total{store="redis",operation}`` and raised as
 :class:`SessionStoreUnavailableError` (HTTP 503). The client reconnects by itself, so the service
-recovers when Redis is back. Scripts use keys they compute, so the store needs one Redis (or a
-primary), not Redis Cluster.
+recovers when Redis is back.
+
+On Redis Cluster (``service/sessions/redis_cluster.py``) every key above also carries its
+session's bucket tag (``{sNNN}``, after the prefix) and the sorted set is one per bucket, so each
+script's keys share one slot; the scripts, given the tag, are the same.
 """
 
 from __future__ import annotations
@@ -35,13 +38,13 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from service import metrics
 from service.sessions.errors import (
@@ -65,7 +68,7 @@ INDEX = PREFIX + "sessions"
 SEEN_EXTRA_MS = 86_400_000
 FORMAT = 1
 
-# KEYS: session, seen, index. ARGV: meta, state, last_id, ttl_ms, seen_ttl_ms, expires_at, id, max_sessions.
+# KEYS: session, seen, index. ARGV: meta, state, last_id, ttl_ms, seen_ttl_ms, expires_at, id, max_sessions, tag.
 # Evicts (by lowest expiry) while the store is full, then writes. Returns {evicted, expired, live}.
 _CREATE = f"""
 local evicted, expired = 0, 0
@@ -75,8 +78,8 @@ while live >= limit do
   local popped = redis.call('ZPOPMIN', KEYS[3])
   if #popped == 0 then break end
   local id = popped[1]
-  local seen = '{SEEN}' .. id
-  if redis.call('DEL', '{SESSION}' .. id) == 1 then
+  local seen = '{SEEN}' .. ARGV[9] .. id
+  if redis.call('DEL', '{SESSION}' .. ARGV[9] .. id) == 1 then
     evicted = evicted + 1
     redis.call('SET', seen, 'evicted', 'XX', 'KEEPTTL')
   elseif redis.call('GET', seen) == 'live' then
@@ -126,14 +129,14 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return existed
 """
 
-# KEYS: index. ARGV: now, limit. Reaps ids past their expiry whose hash is gone. Returns {expired, live}.
+# KEYS: index. ARGV: now, limit, tag. Reaps ids past their expiry whose hash is gone. Returns {expired, live}.
 _REAP = f"""
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local expired = 0
 for _, id in ipairs(ids) do
-  if redis.call('EXISTS', '{SESSION}' .. id) == 0 then
+  if redis.call('EXISTS', '{SESSION}' .. ARGV[3] .. id) == 0 then
     redis.call('ZREM', KEYS[1], id)
-    local seen = '{SEEN}' .. id
+    local seen = '{SEEN}' .. ARGV[3] .. id
     if redis.call('GET', seen) == 'live' then
       redis.call('SET', seen, 'expired', 'XX', 'KEEPTTL')
       expired = expired + 1
@@ -149,8 +152,28 @@ return 0
 """
 
 
+# Everything a Redis client may raise for an unreachable or failing store; RedisClusterException
+# (e.g. no node answers for a slot) does not derive from RedisError.
+STORE_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+class Keys(NamedTuple):
+    """The keys of one session. ``tag`` is the hash tag they share ("" on one Redis)."""
+
+    session: str
+    seen: str
+    lock: str
+    index: str
+    tag: str
+
+
 class RedisStore:
+    """The store on one Redis (or primary). :class:`RedisClusterStore` is the same store on Redis
+    Cluster: only the key names (:meth:`tag`) and the client differ."""
+
     name = "redis"
+    # Sweeps reap at most this many index buckets each (one Redis has one bucket).
+    sweep_buckets = 64
 
     def __init__(
         self,
@@ -172,6 +195,23 @@ class RedisStore:
         self._scripts: dict[str, Any] = {}
         self._locks = KeyedLocks()
         self._active = metrics.SESSIONS_ACTIVE.labels(self.name)
+        self._live: dict[str, int] = {}  # live sessions per index bucket, as last seen
+        self._next_bucket = 0
+
+    # --- keys -----------------------------------------------------------------------------------
+
+    def tag(self, session_id: str) -> str:
+        """What Redis Cluster would hash in a session's keys: nothing on one Redis."""
+        return ""
+
+    def buckets(self) -> list[str]:
+        """The tags of all index buckets."""
+        return [""]
+
+    def keys(self, session_id: str) -> Keys:
+        tag = self.tag(session_id)
+        return Keys(SESSION + tag + session_id, SEEN + tag + session_id, LOCK + tag + session_id,
+                    self.index_key(tag), tag)
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -181,19 +221,22 @@ class RedisStore:
             raise RuntimeError("the Redis session store is not started")
         return self._client
 
-    async def start(self) -> None:
+    def connect(self) -> Any:
         # One immediate retry (a pooled connection dropped by a Redis restart reconnects on it),
         # no backoff: with Redis down a call fails fast (503) and a later one reconnects.
-        self._client = aioredis.Redis.from_url(
+        return aioredis.Redis.from_url(
             self.url, socket_connect_timeout=self.timeout, socket_timeout=self.timeout,
             retry=Retry(NoBackoff(), 1), health_check_interval=0, decode_responses=False,
         )
+
+    async def start(self) -> None:
+        self._client = self.connect()
         for name, source in (("create", _CREATE), ("save", _SAVE), ("missing", _MISSING), ("delete", _DELETE),
                              ("reap", _REAP), ("release", _RELEASE)):
             self._scripts[name] = self._client.register_script(source)
         try:
             await self.client.ping()
-        except (RedisError, OSError) as exc:
+        except STORE_ERRORS as exc:
             # Not fatal: stateless endpoints serve without Redis; session calls answer 503 until it is up.
             metrics.SESSION_STORE_ERRORS.labels(self.name, "connect").inc()
             log.warning("session store %s is unreachable at start-up (%s); session calls answer 503 until it is up",
@@ -202,13 +245,13 @@ class RedisStore:
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*STORE_ERRORS):
                 await client.aclose()
 
     async def _call(self, operation: str, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
-        except (RedisError, OSError) as exc:
+        except STORE_ERRORS as exc:
             metrics.SESSION_STORE_ERRORS.labels(self.name, operation).inc()
             log.warning("session store %s failed on %s: %s", _redact(self.url), operation, exc)
             raise SessionStoreUnavailableError("redis", f"{type(exc).__name__}: {exc}" if str(exc) else
@@ -264,25 +307,25 @@ class RedisStore:
     async def create(self, record: SessionRecord) -> None:
         meta, state, last_id = self.encode(record)
         ttl_ms = max(1, int(record.ttl * 1000))
-        sid = record.id
+        sid, keys = record.id, self.keys(record.id)
         evicted, expired, live = await self._call("create", self._script(
-            "create", [SESSION + sid, SEEN + sid, INDEX],
-            [meta, state, last_id, ttl_ms, ttl_ms + SEEN_EXTRA_MS, repr(record.expires_at), sid, self.max_sessions],
+            "create", [keys.session, keys.seen, keys.index],
+            [meta, state, last_id, ttl_ms, ttl_ms + SEEN_EXTRA_MS, repr(record.expires_at), sid,
+             self.bucket_limit, keys.tag],
         ))
         metrics.SESSIONS_CREATED.labels(self.name).inc()
         if evicted:
             metrics.SESSIONS_EVICTED.labels(self.name).inc(int(evicted))
         if expired:
             metrics.SESSIONS_EXPIRED.labels(self.name).inc(int(expired))
-        self._active.set(int(live))
+        self._count(keys.tag, int(live))
 
     async def load(self, session_id: str) -> SessionRecord:
-        fields = await self._call("load", self.client.hgetall(SESSION + session_id))
+        keys = self.keys(session_id)
+        fields = await self._call("load", self.client.hgetall(keys.session))
         if fields and b"meta" in fields:
             return self.decode(session_id, fields)
-        why = await self._call("load", self._script(
-            "missing", [SESSION + session_id, SEEN + session_id, INDEX], [session_id]
-        ))
+        why = await self._call("load", self._script("missing", [keys.session, keys.seen, keys.index], [session_id]))
         if why is None:
             raise SessionNotFoundError(session_id)
         why = why.decode() if isinstance(why, bytes) else str(why)
@@ -296,9 +339,9 @@ class RedisStore:
     async def save(self, record: SessionRecord, lock: object) -> None:
         meta, state, last_id = self.encode(record)
         ttl_ms = max(1, int(record.ttl * 1000))
-        sid = record.id
+        sid, keys = record.id, self.keys(record.id)
         saved = await self._call("save", self._script(
-            "save", [SESSION + sid, SEEN + sid, LOCK + sid, INDEX],
+            "save", [keys.session, keys.seen, keys.lock, keys.index],
             [str(lock), meta, state, last_id, ttl_ms, ttl_ms + SEEN_EXTRA_MS, repr(record.expires_at), sid],
         ))
         if saved == -1:
@@ -307,8 +350,9 @@ class RedisStore:
             raise SessionConflictError(sid)
 
     async def delete(self, session_id: str) -> bool:
+        keys = self.keys(session_id)
         existed = await self._call("delete", self._script(
-            "delete", [SESSION + session_id, SEEN + session_id, INDEX], [session_id]
+            "delete", [keys.session, keys.seen, keys.index], [session_id]
         ))
         if existed:
             metrics.SESSIONS_DELETED.labels(self.name).inc()
@@ -322,7 +366,7 @@ class RedisStore:
         deadline = start + self.lock_timeout
         async with self._locks.hold(session_id, self.lock_timeout):
             token = secrets.token_hex(16)
-            key = LOCK + session_id
+            key = self.keys(session_id).lock
             delay = 0.002
             while not await self._call("lock", self.client.set(key, token, nx=True, px=self.lock_lease_ms)):
                 if time.monotonic() + delay > deadline:
@@ -336,10 +380,44 @@ class RedisStore:
                     await self._call("unlock", self._script("release", [key], [token]))
 
     async def sweep(self) -> None:
-        expired, live = await self._call("sweep", self._script("reap", [INDEX], [repr(self.clock()), 1000]))
+        """Reap the next ``sweep_buckets`` index buckets (all of them on one Redis) and refresh the
+        gauge from the live counts last seen per bucket. A bucket whose shard is down is skipped
+        (and reaped on a later round)."""
+        buckets = self.buckets()
+        count = min(self.sweep_buckets, len(buckets))
+        chosen = [buckets[(self._next_bucket + i) % len(buckets)] for i in range(count)]
+        self._next_bucket = (self._next_bucket + count) % len(buckets)
+        now = repr(self.clock())
+        results: list[Any] = []
+        for start in range(0, len(chosen), 16):  # a few at a time: a sweep must not crowd out requests
+            results += await asyncio.gather(*(
+                self._call("sweep", self._script("reap", [self.index_key(tag)], [now, 1000, tag]))
+                for tag in chosen[start:start + 16]
+            ), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        expired = 0
+        for tag, result in zip(chosen, results, strict=True):
+            if not isinstance(result, BaseException):
+                expired += int(result[0])
+                self._live[tag] = int(result[1])
         if expired:
-            metrics.SESSIONS_EXPIRED.labels(self.name).inc(int(expired))
-        self._active.set(int(live))
+            metrics.SESSIONS_EXPIRED.labels(self.name).inc(expired)
+        self._active.set(sum(self._live.values()))
+        if failures:
+            raise failures[0]
+
+    @staticmethod
+    def index_key(tag: str) -> str:
+        return f"{INDEX}:{tag}" if tag else INDEX
+
+    @property
+    def bucket_limit(self) -> int:
+        """Most live sessions of one index bucket: MAX_SESSIONS split evenly over the buckets."""
+        return max(1, -(-self.max_sessions // len(self.buckets())))
+
+    def _count(self, tag: str, live: int) -> None:
+        self._live[tag] = live
+        self._active.set(sum(self._live.values()))
 
 
 def _redact(url: str) -> str:
