@@ -172,12 +172,12 @@ class Server(Process):
 
 
 def _start_server(repository: Path, log_dir: Path, env: dict[str, str] | None = None,
-                  ready: bool = True, timeout: float = 60.0, cli: bool = False) -> Server:
+                  ready: bool = True, timeout: float = 60.0, cli: bool = False, port: int | None = None) -> Server:
     """``python -m uvicorn service.main:app`` (or, with ``cli``, the ``nextword-serve`` entry point
-    ``python -m service.cli``) on a free port; waits for /readyz (or /healthz)."""
+    ``python -m service.cli``) on a free port (or ``port``: a restart); waits for /readyz (or /healthz)."""
     import httpx
 
-    port = free_port()
+    port = port or free_port()
     full_env = {
         **os.environ,
         "NEXTWORD_MODEL_REPOSITORY": str(repository),
@@ -224,11 +224,13 @@ def live_server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """``start_server(repository, env={...}, ready=True, cli=False) -> Server``; all stopped afterwards."""
+    """``start_server(repository, env={...}, ready=True, cli=False, port=None) -> Server``; all stopped
+    afterwards."""
     servers: list[Server] = []
 
-    def start(repository: Path, env: dict[str, str] | None = None, ready: bool = True, cli: bool = False) -> Server:
-        server = _start_server(repository, tmp_path / "logs", env, ready, cli=cli)
+    def start(repository: Path, env: dict[str, str] | None = None, ready: bool = True, cli: bool = False,
+              port: int | None = None) -> Server:
+        server = _start_server(repository, tmp_path / "logs", env, ready, cli=cli, port=port)
         servers.append(server)
         return server
 

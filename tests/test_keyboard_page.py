@@ -242,7 +242,7 @@ def test_status_says_when_the_session_was_rebuilt(browser: Any, start_server: Ca
     driver.get(server.url + "/")
     box = driver.find_element(By.ID, "text")
     box.send_keys("the united ")
-    wait_for(driver, lambda d: page_state(d, "sent") == "the united " and "session kept" in status(d), "a session")
+    wait_for(driver, lambda d: page_state(d, "sent") == "the united " and "round trip" in status(d), "a session")
     assert page_state(driver, "last.version") == 2
     shutil.rmtree(repository / shipped.parent.name / "2")
     assert httpx.post(f"{server.url}/v1/models/reload", timeout=30).json()["unloaded"] == [f"{shipped.parent.name}/2"]
@@ -252,3 +252,20 @@ def test_status_says_when_the_session_was_rebuilt(browser: Any, start_server: Ca
     box.send_keys("t")
     kept = f"session kept · {shipped.parent.name} v1"
     wait_for(driver, lambda d: kept in status(d) and "states" in chip_words(d), "the next keystroke")
+
+
+def test_page_reconnects_after_the_server_restarts(browser: Any, start_server: Callable) -> None:
+    first = start_server(SHIPPED_MODELS)
+    driver = browser
+    driver.get(first.url + "/")
+    box = driver.find_element(By.ID, "text")
+    box.send_keys("the united ")
+    wait_for(driver, lambda d: page_state(d, "sent") == "the united " and "round trip" in status(d), "a session")
+    first.stop()  # SIGTERM: the socket closes (1012 "service restart") and the port goes dark
+    wait_for(driver, lambda d: "reconnecting" in message(d), "the reconnecting message")
+    box.send_keys("st")  # typing goes on while the service is down
+    assert text_of(driver) == "the united st"
+    port = int(first.url.rsplit(":", 1)[1])
+    start_server(SHIPPED_MODELS, port=port)
+    wait_for(driver, lambda d: "reconnected" in status(d) and "states" in chip_words(d), "the reconnection", timeout=20)
+    assert not message(driver)

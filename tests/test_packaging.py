@@ -362,6 +362,8 @@ def test_nginx_balances_every_replica_and_upgrades_websockets(replicas, services
     stream = re.search(r"location\s+~\s+(\S*stream\S*)\s*\{(.*?)\}", conf, re.S)
     assert stream, "no location for /v1/sessions/{id}/stream"
     assert re.fullmatch(stream.group(1).strip('"'), "/v1/sessions/abc-123/stream")
+    assert re.fullmatch(stream.group(1).strip('"'), "/v1/sessions/stream")  # a new session (the keyboard page)
+    assert not re.fullmatch(stream.group(1).strip('"'), "/v1/sessions/abc-123/text")
     # nginx inherits proxy_set_header from the server level only into locations setting none.
     block = stream.group(2)
     if "proxy_set_header" not in block:

@@ -239,6 +239,9 @@
       const delay = backoff(1000);
       showMessage(`The service refused the session: ${describe(error)}.`, "connection");
       reconnect(delay);
+    } else if (event.code === 1012) {
+      showMessage("The service is restarting; reconnecting…", "connection");
+      reconnect(backoff(500));
     } else {
       const delay = backoff();
       showMessage("Connection lost; reconnecting…", "connection");
