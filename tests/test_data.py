@@ -141,3 +141,64 @@ def test_real_brown_protocol_figures() -> None:
     assert len(splits.valid) == 121_184
     assert len(splits.test) == 121_445
     assert len(build_vocab(splits.train, min_count=3)) == 17_977
+
+
+def _numbered_lines(n: int, tag: str = "") -> str:
+    return "".join(f"Line {tag}{i} says hello.\n\n" for i in range(n))  # blank lines do not count
+
+
+def test_one_text_file_is_split_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "my.txt"
+    path.write_text(_numbered_lines(20))
+    for fmt in ("text", "auto"):
+        splits = load_corpus(path, fmt)
+        firsts = [splits_words[i + 1] for splits_words in (splits.train, splits.valid, splits.test)
+                  for i, w in enumerate(splits_words) if w == "line"]
+        assert firsts == [str(i) for i in range(20)]  # contiguous, in order, nothing lost
+        assert splits.train.count("line") == 16 and splits.valid.count("line") == 2 and splits.test.count("line") == 2
+        assert splits.valid[:3] == ["line", "16", "says"] and splits.test[:3] == ["line", "18", "says"]
+        assert (splits.name, splits.protocol) == ("my", "text-lines/1")
+    assert load_corpus(path, "text") == load_corpus(path, "text")  # deterministic
+
+
+def test_text_file_too_small_to_split(tmp_path: Path) -> None:
+    path = tmp_path / "short.txt"
+    path.write_text(_numbered_lines(9))
+    with pytest.raises(CorpusError, match="at least 10"):
+        load_corpus(path, "auto")
+
+
+def test_folder_of_documents_is_split_by_document(tmp_path: Path) -> None:
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    for k in range(12):  # names sort as doc00..doc11, one inside a subfolder
+        where = root / "sub" if k == 5 else root
+        (where if k != 5 else root / "sub").joinpath(f"doc{k:02d}.txt").write_text(f"Document d{k} here.\n")
+    (root / "notes.md").write_text("not a document\n")
+    splits = load_corpus(root, "auto")
+    docs = {name: [w for w in words if w.startswith("d") and w[1:].isdigit()]
+            for name, words in (("train", splits.train), ("valid", splits.valid), ("test", splits.test))}
+    # relative paths sort doc00..doc11 then sub/doc05: index 8 is doc09, index 9 is doc10
+    assert docs == {"train": ["d0", "d1", "d2", "d3", "d4", "d6", "d7", "d8", "d11", "d5"], "valid": ["d9"],
+                    "test": ["d10"]}
+    assert "not" not in splits.train
+    assert (splits.name, splits.protocol) == ("docs", "text-docs/1")
+
+
+def test_few_documents_are_split_by_line(tmp_path: Path) -> None:
+    root = tmp_path / "few"
+    root.mkdir()
+    (root / "a.txt").write_text(_numbered_lines(10, "a"))
+    (root / "b.txt").write_text(_numbered_lines(10, "b"))
+    splits = load_corpus(root, "text")
+    assert splits.protocol == "text-lines/1"
+    assert "a0" in splits.train and "b5" in splits.train and splits.valid[1] == "b6" and splits.test[1] == "b8"
+
+
+def test_auto_format_detection(brown_dir: Path, tmp_path: Path) -> None:
+    assert load_corpus(brown_dir, "auto") == load_corpus(brown_dir, "brown")
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for split in ("train", "valid", "test"):
+        (prepared / f"{split}.txt").write_text(f"The {split} text.\n")
+    assert load_corpus(prepared, "auto").protocol == "text-dir"

@@ -341,3 +341,24 @@ def test_cli_compare(corpus: Path, tmp_path: Path) -> None:
     assert all(r["step_ms"] > 0 and math.isfinite(r["valid_ppl"]) for r in results)
     for cell in ("rnn", "lstm"):
         A.verify_files(out / "repository" / cell / "1", A.read_card(out / "repository" / cell / "1"))
+
+
+def test_cli_trains_on_one_text_file_and_export_finds_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--corpus my.txt`` alone trains (split by line); export, run from another directory
+    without ``--corpus``, evaluates on the same corpus the run was trained on."""
+    work = tmp_path / "work"
+    work.mkdir()
+    rng = np.random.default_rng(5)
+    (work / "my.txt").write_text(_sentences(rng, 400).replace(" .", "."))
+    monkeypatch.chdir(work)
+    args = [a for a in TINY_ARGS if a not in ("--corpus-format", "ptb")]
+    assert main(["train", "--corpus", "my.txt", *args, "--epochs", "1", "--out", "run"]) == 0
+    summary = json.loads((work / "run" / "summary.json").read_text())
+    assert summary["protocol"] == "text-lines/1" and summary["corpus"] == "my"
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # "my.txt" no longer resolves from here
+    assert main(["export", "--run", str(work / "run"), "--repository", "models", "--name", "mine", "--ngram-order",
+                 "0", "--threads", "1"]) == 0
+    card = A.read_card(tmp_path / "models" / "mine" / "1")
+    assert math.isclose(card.metrics["valid"]["ppl"], summary["valid"]["ppl"], rel_tol=1e-4)
+    assert card.metrics["test"]["tokens"] == summary["test"]["tokens"]

@@ -14,19 +14,21 @@ from training.model import CELLS
 DEFAULT_BROWN = "../shared/data/brown"
 
 
-def _add_corpus(p: argparse.ArgumentParser) -> None:
+def _add_corpus(p: argparse.ArgumentParser, default: str | None = DEFAULT_BROWN, default_help: str = "") -> None:
     p.add_argument(
         "--corpus",
-        default=DEFAULT_BROWN,
-        help="corpus path: the Brown directory (ca01..cr09) or a directory of train/valid/test files "
-        f"(default: {DEFAULT_BROWN})",
+        default=default,
+        help="corpus path: the Brown directory (ca01..cr09), a directory of train/valid/test files, one text "
+        "file, or a folder of .txt documents (split deterministically, see training/data.py) "
+        f"(default: {default_help or default})",
     )
     p.add_argument(
         "--corpus-format",
-        default="brown",
-        choices=["brown", "ptb", "text"],
-        help="brown: Brown-LM protocol over word/tag files; ptb: tokenised one-sentence-a-line "
-        "*train*/*valid*/*test* files (WikiText/PTB); text: free text through the service tokenizer",
+        default=None if default is None else "auto",
+        choices=["auto", "brown", "ptb", "text"],
+        help="auto: brown for a Brown directory, text otherwise; brown: Brown-LM protocol over word/tag files; "
+        "ptb: tokenised one-sentence-a-line *train*/*valid*/*test* files (WikiText/PTB); text: free text "
+        "through the service tokenizer (prepared split files, or one file / a folder of documents to split)",
     )
 
 
@@ -216,6 +218,20 @@ def _print_report(report: dict[str, dict], order: int | None) -> None:
             print(f"{split:<6} ratio    {ratio:>9.3f}  (model ppl / KN-{order} ppl)")
 
 
+def _corpus_from_run(args: argparse.Namespace, config: dict) -> None:
+    """Without ``--corpus``, evaluate on the corpus the run was trained on: its path as given at
+    training time, or, when that was relative to another directory, the absolute path saved beside it."""
+    train_cfg = config.get("train", {})
+    if args.corpus is None:
+        saved = train_cfg.get("corpus")
+        resolved = config.get("corpus_resolved")
+        args.corpus = saved if saved and Path(saved).exists() else resolved or saved
+        if args.corpus is None:
+            raise CorpusError("the run's config.json names no corpus: give --corpus")
+    if args.corpus_format is None:
+        args.corpus_format = train_cfg.get("corpus_format", "auto")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
@@ -236,6 +252,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     vocab = Vocab.load(run / "vocab.txt")
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     config = json.loads((run / "config.json").read_text())
+    _corpus_from_run(args, config)
     training = {
         "corpus": summary.get("corpus"),
         "protocol": summary.get("protocol"),
@@ -369,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngram-order", type=int, default=5, help="baseline order stored beside the metrics (0 = none)")
     p.add_argument("--train-command", default=None, help="the command that trained the run (for the model card)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    _add_corpus(p)
+    _add_corpus(p, default=None, default_help="the corpus and format the run was trained on")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ngram", help="the interpolated modified Kneser-Ney baseline")

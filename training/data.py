@@ -2,6 +2,16 @@
 
 Every loader yields the corpus as one stream of words with ``<eos>`` after each sentence, which
 is what the language model reads (state is carried across sentences).
+
+Plain text needs no prepared splits (``text`` format, or ``auto`` on a file or a folder without
+``train``/``valid``/``test`` files); the split is deterministic:
+
+* a folder of at least 10 ``.txt`` documents (found recursively, sorted by relative path) is split
+  by document as in the Brown-LM protocol: document index i % 10 == 8 is valid, == 9 is test, the
+  rest train;
+* one file, or a folder of fewer than 10 documents (read in that order), is split by line: of the
+  non-empty lines, the first 80% are train, the next 10% valid, the last 10% test (contiguous, so
+  valid and test are text the model has not seen the surroundings of).
 """
 
 from __future__ import annotations
@@ -82,14 +92,7 @@ def ptb_lines(path: Path) -> list[str]:
 
 def text_lines(path: Path) -> list[str]:
     """Free text through the serving tokenizer, one ``<eos>`` per sentence-ending mark or line."""
-    out: list[str] = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        words = tokenize(line)
-        if words:
-            out.extend(words)
-            if words[-1] != EOS:
-                out.append(EOS)
-    return out
+    return _words(_read_lines(path))
 
 
 def directory_splits(root: str | Path, fmt: str) -> Splits:
@@ -106,13 +109,95 @@ def directory_splits(root: str | Path, fmt: str) -> Splits:
     return Splits(**parts, name=root.name, protocol=f"{fmt}-dir")
 
 
+SPLIT_NAMES = ("train", "valid", "test")
+MIN_DOCUMENTS = 10  # fewer documents than this are split by line
+MIN_LINES = 10
+
+
+def _has_split_files(root: Path) -> bool:
+    return any(next(root.glob(f"*{split}*"), None) is not None for split in SPLIT_NAMES)
+
+
+def _text_documents(root: Path) -> list[Path]:
+    return sorted((p for p in root.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+
+
+def _line_split(lines: list[str], where: Path) -> dict[str, list[str]]:
+    lines = [line for line in lines if line.strip()]
+    if len(lines) < MIN_LINES:
+        raise CorpusError(f"{where} has {len(lines)} non-empty lines; a split by line needs at least {MIN_LINES}")
+    a, b = int(len(lines) * 0.8), int(len(lines) * 0.9)
+    return {"train": lines[:a], "valid": lines[a:b], "test": lines[b:]}
+
+
+def _words(lines: list[str]) -> list[str]:
+    out: list[str] = []
+    for line in lines:
+        words = tokenize(line)
+        if words:
+            out.extend(words)
+            if words[-1] != EOS:
+                out.append(EOS)
+    return out
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+
+def text_corpus(path: str | Path) -> Splits:
+    """Free text without prepared splits: one file or a folder of ``.txt`` documents, split
+    deterministically by document or by line (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"corpus path {path} does not exist")
+    if path.is_file():
+        parts = _line_split(_read_lines(path), path)
+        protocol = "text-lines/1"
+    else:
+        docs = _text_documents(path)
+        if not docs:
+            raise CorpusError(f"no 'train' file or .txt documents found under {path}")
+        if len(docs) >= MIN_DOCUMENTS:
+            parts = {split: [] for split in SPLIT_NAMES}
+            for i, doc in enumerate(docs):
+                split = "valid" if i % 10 == 8 else "test" if i % 10 == 9 else "train"
+                parts[split].extend(_read_lines(doc))
+            protocol = "text-docs/1"
+        else:
+            parts = _line_split([line for doc in docs for line in _read_lines(doc)], path)
+            protocol = "text-lines/1"
+    splits = {split: _words(lines) for split, lines in parts.items()}
+    for split, words in splits.items():
+        if not words:
+            raise CorpusError(f"the {split} split of {path} is empty")
+    return Splits(**splits, name=path.stem if path.is_file() else path.name, protocol=protocol)
+
+
+def detect_format(path: str | Path) -> str:
+    """``auto``: a file is ``text``; a folder with Brown files is ``brown``; any other folder is
+    ``text`` (prepared train/valid/test files, or documents to split)."""
+    path = Path(path)
+    if path.is_dir() and any(path.glob("c[a-r][0-9][0-9]")):
+        return "brown"
+    return "text"
+
+
 def load_corpus(path: str | Path, fmt: str) -> Splits:
-    """Load a corpus: ``brown`` (Brown-LM protocol), ``ptb`` or ``text`` (train/valid/test files)."""
+    """Load a corpus: ``brown`` (Brown-LM protocol), ``ptb`` (train/valid/test files), ``text``
+    (train/valid/test files, or one file or a folder of documents to split), or ``auto``."""
+    if fmt == "auto":
+        fmt = detect_format(path)
     if fmt == "brown":
         return brown_lm(path)
-    if fmt in ("ptb", "text"):
+    if fmt == "ptb":
         return directory_splits(path, fmt)
-    raise CorpusError(f"unknown corpus format {fmt!r}; use brown, ptb or text")
+    if fmt == "text":
+        root = Path(path)
+        if root.is_dir() and _has_split_files(root):
+            return directory_splits(root, fmt)
+        return text_corpus(root)
+    raise CorpusError(f"unknown corpus format {fmt!r}; use auto, brown, ptb or text")
 
 
 def build_vocab(train: list[str], min_count: int = 3, max_size: int | None = None) -> Vocab:

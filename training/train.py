@@ -54,7 +54,7 @@ from training.model import LanguageModel, ModelConfig, State
 class TrainConfig:
     corpus: str
     out_dir: str
-    corpus_format: str = "brown"
+    corpus_format: str = "auto"
     batch_size: int = 64
     bptt: int = 35
     epochs: int = 10
@@ -260,7 +260,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     if main_process:
         vocab.save(out / "vocab.txt")
-        (out / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": model_cfg.to_dict()}, indent=2))
+        run_config = {
+            "train": asdict(cfg),
+            "model": model_cfg.to_dict(),
+            # export finds the corpus from here when it runs from another directory
+            "corpus_resolved": str(Path(cfg.corpus).resolve()),
+        }
+        (out / "config.json").write_text(json.dumps(run_config, indent=2))
 
     net: torch.nn.Module = model
     if distributed:
