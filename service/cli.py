@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
         log_level=settings.log_level,
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         timeout_graceful_shutdown=settings.request_deadline_seconds,
+        # permessage-deflate keeps ~300 KB of zlib state per open socket, and glibc kept most of it
+        # after the socket closed (500 idle sockets opened and closed: +37 MB RSS, every time).
+        # Session messages are a few hundred bytes: not worth compressing.
+        ws_per_message_deflate=False,
     )
     GracefulServer(
         config, app.state.drain, settings.shutdown_delay_seconds, settings.request_deadline_seconds

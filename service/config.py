@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     session_lock_timeout_seconds: float = Field(
         5.0, gt=0, description="Longest an update waits for another update of the same session; then 409."
     )
+    session_lock_lease_seconds: float = Field(
+        1.5, gt=0, description="Lease of a session's Redis update lock. The holder renews it three times per lease "
+        "while its update runs, so this is how long a replica that died mid-update keeps the session locked (409 "
+        "session_busy meanwhile), not a limit on how long an update may take."
+    )
     session_sweep_interval_seconds: float = Field(
         5.0, ge=0, description="How often expired sessions are reaped and the active-session gauge refreshed "
         "(0 = never; expiry is still enforced on access)."

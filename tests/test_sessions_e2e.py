@@ -5,6 +5,7 @@ replica is killed with SIGKILL."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -98,3 +99,71 @@ def test_session_moves_between_replicas_and_survives_sigkill(
         assert reply["seq"] == 1
         assert_matches_predict(on_b, reply, "the cat")
         assert on_b.get(f"/v1/sessions/{first['session_id']}").status_code == 200
+
+
+HOLD_LOCK = """
+import asyncio, sys
+from service.config import Settings
+from service.sessions.manager import create_store
+
+async def main() -> None:
+    store = create_store(Settings(session_store=sys.argv[1]))
+    await store.start()
+    async with store.lock(sys.argv[2]):
+        print("locked", flush=True)
+        await asyncio.sleep(3600)  # an update that never ends: only SIGKILL stops it
+
+asyncio.run(main())
+"""
+
+
+def test_lock_of_a_killed_replica_is_free_within_two_seconds(redis_url: str, tmp_path: Path) -> None:
+    """A process holding a session's update lock keeps it as long as it lives (the lease is renewed,
+    however long its update takes) and, SIGKILLed, frees it within 2 s (it took the whole
+    request-deadline-sized lease, ~15 s)."""
+    import asyncio
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    from service.config import Settings
+    from service.sessions.errors import SessionBusyError
+    from service.sessions.manager import create_store
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, redis_url, "s" * 20], stdout=subprocess.PIPE,
+                              env=env, cwd=ROOT, start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"locked"
+
+        async def scenario() -> tuple[bool, float]:
+            store = create_store(Settings(session_store=redis_url, session_lock_timeout_seconds=0.2))
+            await store.start()
+            try:
+                await asyncio.sleep(2 * Settings().session_lock_lease_seconds)  # past several leases
+                try:
+                    async with store.lock("s" * 20):
+                        held_while_alive = False
+                except SessionBusyError:
+                    held_while_alive = True
+                os.killpg(holder.pid, signal.SIGKILL)
+                holder.wait(10)
+                killed = time.monotonic()
+                while True:
+                    try:
+                        async with store.lock("s" * 20):
+                            return held_while_alive, time.monotonic() - killed
+                    except SessionBusyError:
+                        assert time.monotonic() - killed < 10
+            finally:
+                await store.close()
+
+        held_while_alive, freed_after = asyncio.run(scenario())
+        assert held_while_alive, "the lock expired while its holder was alive and working"
+        assert freed_after < 2.0, f"the dead holder's lock was free only after {freed_after:.1f} s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(10)

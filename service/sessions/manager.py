@@ -82,14 +82,10 @@ class SessionResult:
 def create_store(settings: Settings) -> SessionStore:
     if settings.session_store == "memory":
         return MemoryStore(settings.max_sessions, settings.session_lock_timeout_seconds)
-    # The lock lease outlives any legitimate update (queue deadline + store round trips); an update
-    # slower than that is refused at save time. It also bounds how long a session stays locked by a
-    # replica that died mid-update.
-    lease = settings.request_timeout_seconds + 2 * settings.session_store_timeout_seconds + 1.0
     cluster = settings.session_store.startswith(tuple(CLUSTER_SCHEMES))
     return (RedisClusterStore if cluster else RedisStore)(
         settings.session_store, settings.max_sessions, lock_timeout=settings.session_lock_timeout_seconds,
-        lock_lease=lease, timeout=settings.session_store_timeout_seconds,
+        lock_lease=settings.session_lock_lease_seconds, timeout=settings.session_store_timeout_seconds,
     )
 
 

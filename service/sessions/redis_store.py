@@ -10,9 +10,10 @@ Layout (all under ``nextword:``):
 * ``session-seen:{id}``: ``live``/``expired``/``evicted``, kept for TTL + 1 day: a missing session
   whose marker exists answers ``session_expired``, one never seen ``session_not_found``.
   ``DELETE`` removes both keys.
-* ``session-lock:{id}``: the update lock (``SET NX PX`` with a random token; released by a
-  compare-and-delete script; a save checks the token, so an update that outlived its lock is
-  refused rather than overwriting a newer one).
+* ``session-lock:{id}``: the update lock (``SET NX PX`` with a random token and a short lease,
+  renewed by the holder while its update runs, so a replica that dies mid-update blocks the
+  session for at most one lease; released by a compare-and-delete script; a save checks the
+  token, so an update that outlived its lock is refused rather than overwriting a newer one).
 * ``sessions``: a sorted set of live ids scored by expiry time: the size bound (creating in a
   full store evicts the session closest to expiry), the active-sessions gauge (``ZCARD``) and
   reaping (ids past their expiry whose hash Redis already dropped are counted expired, once,
@@ -151,6 +152,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# KEYS: lock. ARGV: token, lease_ms. Extends a lock this holder still owns; 0 when it was lost.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 
 # Everything a Redis client may raise for an unreachable or failing store; RedisClusterException
 # (e.g. no node answers for a slot) does not derive from RedisError.
@@ -181,14 +188,15 @@ class RedisStore:
         max_sessions: int,
         *,
         lock_timeout: float = 5.0,
-        lock_lease: float = 30.0,
+        lock_lease: float = 1.5,
         timeout: float = 2.0,
         clock=time.time,
     ) -> None:
         self.url = url
         self.max_sessions = max_sessions
         self.lock_timeout = lock_timeout
-        self.lock_lease_ms = int(lock_lease * 1000)
+        self.lock_lease = lock_lease
+        self.lock_lease_ms = max(1, int(lock_lease * 1000))
         self.timeout = timeout
         self.clock = clock
         self._client: aioredis.Redis | None = None
@@ -232,7 +240,7 @@ class RedisStore:
     async def start(self) -> None:
         self._client = self.connect()
         for name, source in (("create", _CREATE), ("save", _SAVE), ("missing", _MISSING), ("delete", _DELETE),
-                             ("reap", _REAP), ("release", _RELEASE)):
+                             ("reap", _REAP), ("release", _RELEASE), ("renew", _RENEW)):
             self._scripts[name] = self._client.register_script(source)
         try:
             await self.client.ping()
@@ -254,8 +262,8 @@ class RedisStore:
         except STORE_ERRORS as exc:
             metrics.SESSION_STORE_ERRORS.labels(self.name, operation).inc()
             log.warning("session store %s failed on %s: %s", _redact(self.url), operation, exc)
-            raise SessionStoreUnavailableError("redis", f"{type(exc).__name__}: {exc}" if str(exc) else
-                                               type(exc).__name__) from None
+            # The exception text names the Redis host and port: the log has it, the client gets the kind.
+            raise SessionStoreUnavailableError("redis", type(exc).__name__) from None
 
     def _script(self, name: str, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         return self._scripts[name](keys=keys, args=args)
@@ -373,11 +381,28 @@ class RedisStore:
                     raise SessionBusyError(session_id, round(time.monotonic() - start, 3))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.05)
+            renewing = asyncio.create_task(self._renew_lease(key, token))
             try:
                 yield token
             finally:
+                renewing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewing
                 with contextlib.suppress(SessionStoreUnavailableError):  # else the lease expires by itself
                     await self._call("unlock", self._script("release", [key], [token]))
+
+    async def _renew_lease(self, key: str, token: str) -> None:
+        """Extend the lock three times per lease while the update holds it. The lease is short so
+        that a holder that died (SIGKILL, a lost host) frees the session within one lease; a live
+        holder keeps it however long its update takes. A renewal that finds the lock gone stops:
+        the save then refuses the update (``session_conflict``)."""
+        while True:
+            await asyncio.sleep(self.lock_lease / 3)
+            try:
+                if not await self._call("renew", self._script("renew", [key], [token, self.lock_lease_ms])):
+                    return
+            except SessionStoreUnavailableError:
+                continue  # the save will fail the same way; keep trying until then
 
     async def sweep(self) -> None:
         """Reap the next ``sweep_buckets`` index buckets (all of them on one Redis) and refresh the
