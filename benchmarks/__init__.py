@@ -10,6 +10,8 @@ and ✅/❌. Sections (``--only``):
 * ``http``     — dynamic batching under load: 1/8/64 clients, batching on vs off
 * ``overhead`` — service throughput vs raw onnxruntime at the formed batch size; HTTP overhead in ms
 * ``sessions`` — one-word session updates after 10 vs 2,000 words, HTTP and WebSocket, redis store
+* ``capacity`` — keystrokes per CPU-second (service and redis), redis commands/bytes per keystroke,
+  redis memory per session, resident memory per loaded model version (docs/scaling.md)
 * ``prompt``   — stateless predict on 1/64/512-word prompts, cost per prompt word
 * ``training`` — tokens/s of the trainer's step vs a minimal nn.LSTM loop, and of every cell
 

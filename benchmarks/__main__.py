@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _runners() -> dict:
+    from benchmarks.capacity import run_capacity
     from benchmarks.http_load import run_http, run_overhead
     from benchmarks.prompt import run_prompt
     from benchmarks.runtime import run_roofline, run_runtime
@@ -181,7 +182,7 @@ def _runners() -> dict:
     from benchmarks.training_loop import run_training
 
     return {"runtime": run_runtime, "roofline": run_roofline, "http": run_http, "overhead": run_overhead,
-            "sessions": run_sessions, "prompt": run_prompt, "training": run_training}
+            "sessions": run_sessions, "capacity": run_capacity, "prompt": run_prompt, "training": run_training}
 
 
 if __name__ == "__main__":
