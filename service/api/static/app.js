@@ -185,7 +185,6 @@
     if (msg.type === "session") {
       state.ready = true;
       state.sessionId = msg.session_id;
-      state.failures = 0;
       clearMessage("connection");
       const opening = state.opening || { t0: performance.now(), note: "new session" };
       // Text typed while the socket opened is sent now, and its reply shown instead.
@@ -195,7 +194,7 @@
       const t0 = state.inflight.get(msg.seq);
       state.inflight.delete(msg.seq);
       if (msg.seq !== state.seq) return; // superseded by a later keystroke
-      state.failures = 0;
+      state.failures = 0; // only an answered update proves the session works (not its opening)
       clearMessage("connection");
       const note = msg.rebuilt ? `session rebuilt on version ${msg.version}` : "session kept";
       show(msg, t0 === undefined ? NaN : performance.now() - t0, note);
@@ -315,6 +314,7 @@
   // Insert a suggestion: it replaces the word being typed (the part of it the suggestion starts
   // with), or follows the text; then a space.
   function accept(s) {
+    if (state.generating) return; // Continue is writing at the cursor
     const ta = ui.text;
     const caret = ta.selectionStart;
     const before = ta.value.slice(0, caret);
@@ -465,7 +465,8 @@
   for (const type of ["keyup", "click", "focus"]) ui.text.addEventListener(type, () => sync());
   document.addEventListener("selectionchange", () => { if (document.activeElement === ui.text) sync(); });
   ui.text.addEventListener("keydown", (e) => {
-    if (e.key === "Tab" && !e.shiftKey && !e.altKey && !e.ctrlKey && !e.metaKey && !state.dismissed && state.slots[1]) {
+    const plainTab = e.key === "Tab" && !e.shiftKey && !e.altKey && !e.ctrlKey && !e.metaKey;
+    if (plainTab && !state.dismissed && !state.generating && state.slots[1]) {
       e.preventDefault();
       accept(state.slots[1]);
     } else if (e.key === "Escape") {
