@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -124,6 +124,11 @@ class Settings(BaseSettings):
         1.5, gt=0, description="Lease of a session's Redis update lock. The holder renews it three times per lease "
         "while its update runs, so this is how long a replica that died mid-update keeps the session locked (409 "
         "session_busy meanwhile), not a limit on how long an update may take."
+    )
+    session_secret: SecretStr | None = Field(
+        None, description="Key of the HMAC that turns client-chosen ids (KServe sequence_id) into server-held "
+        "session ids, so nobody can compute another client's session id. Unset: a random key, created once in the "
+        "session store (Redis: shared by every replica using it; memory: per process)."
     )
     session_sweep_interval_seconds: float = Field(
         5.0, ge=0, description="How often expired sessions are reaped and the active-session gauge refreshed "

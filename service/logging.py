@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -37,6 +38,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str, ensure_ascii=False)
 
 
+_SESSION_SEGMENT = re.compile(r"(/v1/sessions/)(?!stream(?:[/?]|$))[^/?\s]+")
+_QUERY = re.compile(r"\?[^\s\"]*")
+
+
+def redact_path(path: str) -> str:
+    """A request path as logs may keep it: a session id is a bearer credential for its session,
+    and a query string may carry user text (``/v1/sessions/stream?text=...``)."""
+    return _QUERY.sub("", _SESSION_SEGMENT.sub(r"\1{session_id}", path))
+
+
+class RedactRequestPaths(logging.Filter):
+    """Applies :func:`redact_path` to the paths uvicorn's access and WebSocket log lines carry."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "/" in a for a in record.args):
+            record.args = tuple(redact_path(a) if isinstance(a, str) and "/" in a else a for a in record.args)
+        return True
+
+
+_REDACT = RedactRequestPaths()
+
+
+def redact_uvicorn_paths() -> None:
+    """Install the filter on uvicorn's loggers (idempotent; also for plain ``uvicorn`` runs)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if _REDACT not in logger.filters:
+            logger.addFilter(_REDACT)
+
+
 def _level(name: str) -> int:
     # uvicorn knows "trace"; the stdlib does not: treat it as debug.
     return logging.DEBUG if name.lower() == "trace" else getattr(logging, name.upper(), logging.INFO)
@@ -47,6 +78,7 @@ def configure_logging(level: str = "info", fmt: str = "text", *, uvicorn: bool =
     ``uvicorn=True``, to uvicorn's loggers, replacing their handlers so JSON output is uniform).
 
     Idempotent: calling it again (a second ``create_app()``) replaces our handler, not stacks it."""
+    redact_uvicorn_paths()
     handler = logging.StreamHandler(sys.stderr)
     setattr(handler, _HANDLER_MARK, True)
     if fmt == "json":

@@ -193,3 +193,42 @@ def test_raw_binary_round_trip(live_server: str) -> None:
     assert len(r.content) == size + sum(sizes) and sizes[1] == 2 * 2 * 4
     probs = np.frombuffer(r.content[size + sizes[0]:], dtype="<f4").reshape(2, 2)
     assert np.all(probs > 0) and np.all(probs[:, 0] >= probs[:, 1])
+
+
+def test_sequence_sessions_cannot_be_derived_by_others(live_server: str) -> None:
+    """The session behind a sequence was ``kserve-`` + sha256 of the model name and sequence id:
+    anyone could compute it, read the sequence's pending text and delete it. Now it is an HMAC
+    under the server's secret."""
+    import hashlib
+
+    import httpx
+
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["private words ty"]}],
+            "parameters": {"sequence_id": 31337, "sequence_start": True}}
+    assert httpx.post(f"{live_server}/v2/models/tiny/infer", json=body).status_code == 200
+    guessed = "kserve-" + hashlib.sha256(b"tiny\0int\0" + b"31337").hexdigest()[:40]
+    assert httpx.get(f"{live_server}/v1/sessions/{guessed}").status_code == 404
+    assert httpx.delete(f"{live_server}/v1/sessions/{guessed}").status_code == 404
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["pe "]}],
+            "parameters": {"sequence_id": 31337, "sequence_end": True}}
+    assert httpx.post(f"{live_server}/v2/models/tiny/infer", json=body).status_code == 200  # still its own
+
+
+def test_sequence_ids_follow_the_configured_secret(model_repository, service_settings) -> None:
+    import asyncio
+
+    from service.engine import Engine
+    from service.sessions import SessionManager
+
+    async def derive(secret: str | None) -> str:
+        settings = service_settings(model_repository, session_secret=secret)
+        manager = SessionManager(Engine.__new__(Engine), settings)
+        await manager.start()
+        try:
+            return await manager.derived_id("kserve-", "tiny", "int", "7")
+        finally:
+            await manager.close()
+
+    a, b, c = (asyncio.run(derive(s)) for s in ("one secret", "one secret", "another"))
+    assert a == b != c and len(a) == len("kserve-") + 40
+    assert asyncio.run(derive(None)) != asyncio.run(derive(None))  # memory store: a random key per process

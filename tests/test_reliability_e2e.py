@@ -4,6 +4,7 @@ it by holding connections, and what it keeps afterwards."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,3 +49,74 @@ def test_idle_websockets_leave_no_memory_behind(model_repository: Path, start_se
         asyncio.run(open_and_close(500))
     growth = rss_mb(server.proc.pid) - before
     assert growth < 8, f"RSS grew {growth:.0f} MB after 1,000 more idle WebSockets were opened and closed"
+
+
+@pytest.fixture(scope="module")
+def server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory):
+    from conftest import _start_server
+
+    srv = _start_server(model_repository, tmp_path_factory.mktemp("reliability-logs"), cli=True)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+DEEP = "[" * 2000 + "]" * 2000
+
+
+def test_deeply_nested_json_is_a_clean_400_everywhere(server) -> None:
+    """2,000 nested brackets made Python's parser raise RecursionError: a KServe 500 that also reset
+    the keep-alive connection, and a WebSocket ``internal_error``. Now a 400 in each front end's
+    shape, the connection stays usable, and the socket stays open."""
+    from websockets.sync.client import connect
+
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for path, shape in [("/v1/predict", "native"), ("/v1/sessions", "native"), ("/openai/v1/completions", "openai"),
+                            ("/v2/models/tiny/infer", "kserve"), ("/v2/models/tiny/versions/1/infer", "kserve")]:
+            for body in (DEEP, '{"text": ' + DEEP + "}"):
+                r = client.post(path, content=body, headers={"content-type": "application/json"})
+                assert r.status_code == 400, (path, r.status_code, r.text)
+                error = r.json()["error"]
+                message = error if shape == "kserve" else error["message"]
+                assert "levels deep; the limit is 32" in message, (path, r.text)
+                if shape == "native":
+                    assert error["type"] == "invalid_json"
+                assert client.get("/healthz").status_code == 200  # same keep-alive connection
+        assert client.post("/v1/predict", json={"text": "the " + "[" * 100}).status_code == 200  # inside a string
+        sid = client.post("/v1/sessions", json={"model": "tiny", "text": "the "}).json()["session_id"]
+    with connect(server.url.replace("http://", "ws://") + f"/v1/sessions/{sid}/stream") as ws:
+        ws.recv(timeout=30)
+        ws.send(DEEP)
+        reply = json.loads(ws.recv(timeout=30))
+        assert (reply["type"], reply["status"], reply["error"]["type"]) == ("error", 400, "invalid_json")
+        ws.send(json.dumps({"seq": 1, "text": "cat "}))
+        assert json.loads(ws.recv(timeout=30))["seq"] == 1  # still open
+
+
+def test_logs_keep_no_session_ids_user_text_or_redis_address(model_repository: Path, start_server: Callable,
+                                                             tmp_path: Path) -> None:
+    """A session id is its bearer credential and ``?text=`` is what the user typed: neither belongs in
+    the access log. Error bodies name no Redis address (the log does, for operators)."""
+    from processes import free_port
+    from websockets.sync.client import connect
+
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    server = start_server(model_repository, cli=True, env={"NEXTWORD_LOG_LEVEL": "info"})
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        sid = client.post("/v1/sessions", json={"model": "tiny", "text": "the "}).json()["session_id"]
+        assert client.get(f"/v1/sessions/{sid}").status_code == 200
+        assert client.post(f"/v1/sessions/{sid}/text", json={"text": "secretword "}).status_code == 200
+    with connect(server.url.replace("http://", "ws://") + "/v1/sessions/stream?model=tiny&text=typedsecret%20") as ws:
+        ws.recv(timeout=30)
+    with connect(server.url.replace("http://", "ws://") + f"/v1/sessions/{sid}/stream") as ws:
+        ws.recv(timeout=30)
+    log = server.log_tail(200_000)
+    assert "/v1/sessions/{session_id}" in log and "/v1/sessions/stream" in log  # the lines are there
+    assert sid not in log and "typedsecret" not in log and "secretword" not in log
+
+    redis_server = start_server(model_repository, env={"NEXTWORD_SESSION_STORE": dead_redis,
+                                                       "NEXTWORD_SESSION_STORE_TIMEOUT_SECONDS": "0.5"})
+    r = httpx.post(redis_server.url + "/v1/sessions", json={"model": "tiny"}, timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "session_store_unavailable"
+    assert dead_redis.split(":")[-1].split("/")[0] not in r.text and "127.0.0.1" not in r.text

@@ -658,3 +658,20 @@ def test_redis_outage_gives_503_and_the_service_recovers(model_repository: Path,
         assert_same_predictions(append(c, body["session_id"], "ick "), predict(c, "the quick "))
         error_of(c.get(f"/v1/sessions/{sid}"), 404, "session_not_found")  # its data went with the old server
 
+
+
+def test_redis_stores_share_one_session_secret(redis_server: RedisServer) -> None:
+    from service.sessions.redis_store import RedisStore
+
+    async def secrets_of_two_replicas() -> tuple[bytes, bytes]:
+        a, b = RedisStore(redis_server.url, 10), RedisStore(redis_server.url, 10)
+        await a.start()
+        await b.start()
+        try:
+            return await a.secret(), await b.secret()
+        finally:
+            await a.close()
+            await b.close()
+
+    first, second = asyncio.run(secrets_of_two_replicas())
+    assert first == second and len(first) == 64

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Hashable
@@ -142,6 +144,15 @@ class SessionManager:
                 log.exception("session sweep failed")
 
     # --- checks ---------------------------------------------------------------------------------
+
+    async def derived_id(self, prefix: str, *parts: str) -> str:
+        """A session id for a client-chosen name (``parts``), in the session id alphabet: an HMAC
+        under ``NEXTWORD_SESSION_SECRET`` (or the store's random key), so the same parts always
+        give the same session on every replica and nobody without the key can compute it."""
+        configured = self.settings.session_secret
+        key = configured.get_secret_value().encode() if configured is not None else await self.store.secret()
+        digest = hmac.new(key, "\0".join(parts).encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+        return prefix + digest[:40]
 
     def ttl(self, ttl_seconds: float | None) -> float:
         if ttl_seconds is None:

@@ -9,6 +9,7 @@ serialised by an asyncio lock (the event loop is the only writer).
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -32,9 +33,13 @@ class MemoryStore:
         self._gone: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (reason, forget at)
         self._locks = KeyedLocks()
         self._active = metrics.SESSIONS_ACTIVE.labels(self.name)
+        self._secret = secrets.token_bytes(32)
 
     async def start(self) -> None:
         return None
+
+    async def secret(self) -> bytes:
+        return self._secret
 
     async def close(self) -> None:
         self._active.dec(len(self._sessions))

@@ -66,6 +66,7 @@ SESSION = PREFIX + "session:"
 SEEN = PREFIX + "session-seen:"
 LOCK = PREFIX + "session-lock:"
 INDEX = PREFIX + "sessions"
+SECRET = PREFIX + "session-secret"
 SEEN_EXTRA_MS = 86_400_000
 FORMAT = 1
 
@@ -200,6 +201,7 @@ class RedisStore:
         self.timeout = timeout
         self.clock = clock
         self._client: aioredis.Redis | None = None
+        self._secret: bytes | None = None
         self._scripts: dict[str, Any] = {}
         self._locks = KeyedLocks()
         self._active = metrics.SESSIONS_ACTIVE.labels(self.name)
@@ -249,6 +251,16 @@ class RedisStore:
             metrics.SESSION_STORE_ERRORS.labels(self.name, "connect").inc()
             log.warning("session store %s is unreachable at start-up (%s); session calls answer 503 until it is up",
                         _redact(self.url), exc)
+
+    async def secret(self) -> bytes:
+        """Created by whichever replica asks first (``SET NX``), then read by all; no TTL."""
+        if self._secret is None:
+            await self._call("secret", self.client.set(SECRET, secrets.token_hex(32), nx=True))
+            value = await self._call("secret", self.client.get(SECRET))
+            if not value:
+                raise SessionStoreUnavailableError("redis", "the session secret vanished")
+            self._secret = bytes(value)
+        return self._secret
 
     async def close(self) -> None:
         if self._client is not None:

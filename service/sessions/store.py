@@ -103,6 +103,10 @@ class SessionStore(Protocol):
     async def sweep(self) -> None:
         """Reap expired sessions and refresh the active-sessions gauge."""
 
+    async def secret(self) -> bytes:
+        """A random key created once per store (shared by every replica of a shared store): the
+        default key for deriving session ids from client-chosen ones."""
+
 
 class KeyedLocks:
     """One asyncio lock per session id, alive only while someone holds or waits for it."""

@@ -30,7 +30,6 @@ Errors are ``{"error": "<message>"}`` (see ``service/api/errors.py``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from service.api.body import BinaryBodyRoute
+from service.api.body import BinaryBodyRoute, json_too_deep
 from service.api.deps import PredictorDep, RepositoryDep, SessionsDep, SettingsDep
 from service.api.limits import check_batch_items
 from service.api.protocol.kserve import (
@@ -158,6 +157,9 @@ def _split_body(request: Request, body: bytes) -> tuple[dict[str, Any], bytes]:
         if not header.isdigit() or int(header) > len(body):
             raise KServeInputError(f"{HEADER_LENGTH} {header!r} does not fit a body of {len(body)} bytes")
         json_part, binary = body[: int(header)], body[int(header):]
+    too_deep = json_too_deep(json_part)
+    if too_deep:
+        raise KServeInputError(f"the inference request header is not valid: {too_deep}")
     try:
         document = json.loads(json_part.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -265,11 +267,11 @@ def _sequence(request_doc: InferRequest) -> SequenceStep | None:
     return SequenceStep(seq, start, end)
 
 
-def sequence_session_id(model: str, sequence_id: int | str) -> str:
-    """The session behind a sequence: derived from the model name and the client's id (integer
-    5 and string "5" are different sequences, as in Triton), in the session id alphabet."""
-    digest = hashlib.sha256(f"{model}\0{type(sequence_id).__name__}\0{sequence_id}".encode()).hexdigest()
-    return "kserve-" + digest[:40]
+async def sequence_session_id(sessions: SessionManager, model: str, sequence_id: int | str) -> str:
+    """The session behind a sequence, keyed by the model name and the client's id (integer 5 and
+    string "5" are different sequences, as in Triton). It is an HMAC under the server's secret: a
+    plain hash of these public values let anyone read or delete another client's sequence."""
+    return await sessions.derived_id("kserve-", model, type(sequence_id).__name__, str(sequence_id))
 
 
 _GONE = (SessionNotFoundError, SessionExpiredError)
@@ -277,7 +279,7 @@ _GONE = (SessionNotFoundError, SessionExpiredError)
 
 async def _sequence_step(sessions: SessionManager, lv: LoadedVersion, step: SequenceStep, text: str,
                          k: int) -> SessionResult:
-    sid = sequence_session_id(lv.name, step.id)
+    sid = await sequence_session_id(sessions, lv.name, step.id)
     if step.start:
         with contextlib.suppress(*_GONE):  # a restart replaces the old sequence
             await sessions.delete(sid)

@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import APIRouter, Response, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from service.api.body import CheckedRoute
+from service.api.body import CheckedRoute, json_too_deep
 from service.api.deps import SessionsDep
 from service.api.errors import error_body
 from service.api.protocol.native import ErrorResponse, WordProbability
@@ -195,6 +195,9 @@ async def _serve(websocket: WebSocket, sessions: SessionManager, record: Session
                 text = message.get("text")
                 if text is None:
                     raise _MessageError("binary frames are not supported: send JSON text messages")
+                too_deep = json_too_deep(text)
+                if too_deep:
+                    raise _MessageError(f"message is not valid: {too_deep}", "invalid_json", 400)
                 try:
                     data = json.loads(text)
                 except json.JSONDecodeError as exc:
