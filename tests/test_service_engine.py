@@ -485,3 +485,25 @@ def test_score_batches_respect_their_token_budget(tiny: LoadedVersion) -> None:
         assert max(r.batch_size for r in results) == 2  # 2 rows x 4 tokens fill the budget of 8
     finally:
         batcher.close()
+
+
+def test_work_on_a_version_unloaded_in_between_is_resubmitted_to_its_successor() -> None:
+    from service.engine.swap import SWAP_ATTEMPTS, on_current_version
+
+    resolved: list[int] = []
+
+    def resolve() -> int:
+        resolved.append(len(resolved) + 1)
+        return resolved[-1]
+
+    async def closed_until(good: int, version: int) -> str:
+        if version < good:
+            raise BatcherClosedError()
+        return f"ran on {version}"
+
+    answer = asyncio.run(on_current_version(resolve, lambda v: closed_until(SWAP_ATTEMPTS, v)))
+    assert answer == f"ran on {SWAP_ATTEMPTS}"
+    resolved.clear()
+    with pytest.raises(BatcherClosedError):  # swapped on every attempt: a reload loop, not a swap
+        asyncio.run(on_current_version(resolve, lambda v: closed_until(SWAP_ATTEMPTS + 1, v)))
+    assert len(resolved) == SWAP_ATTEMPTS

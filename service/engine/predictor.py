@@ -30,13 +30,13 @@ from nextword.text import split_text, tokenize
 from service.config import Settings
 from service.engine.batcher import PREDICT, SCORE, WorkItem, WorkResult
 from service.engine.errors import (
-    BatcherClosedError,
     DeadlineExceededError,
     InvalidInputError,
     TextTooLongError,
     TooManyWordsError,
 )
 from service.engine.repository import LoadedVersion, ModelRepository
+from service.engine.swap import on_current_version
 from service.engine.vocab_index import TopK
 
 T = TypeVar("T")
@@ -121,17 +121,8 @@ class Predictor:
     async def with_version(
         self, model: str | None, version: int | None, fn: Callable[[LoadedVersion], Awaitable[T]]
     ) -> T:
-        """Run ``fn`` on the resolved version; if that version was unloaded in between (its batcher
-        closed by a hot swap), resolve once more, so a swap never fails a request."""
-        for attempt in range(3):
-            resolved = self.repository.resolve(model, version)
-            try:
-                return await fn(resolved)
-            except BatcherClosedError:
-                if attempt == 2:
-                    raise
-                await asyncio.sleep(0)
-        raise AssertionError("unreachable")
+        """Run ``fn`` on the resolved version, resolving again if a hot swap unloads it in between."""
+        return await on_current_version(lambda: self.repository.resolve(model, version), fn)
 
     def check_text(self, text: str, field_name: str = "text") -> None:
         if len(text) > self.settings.max_text_chars:

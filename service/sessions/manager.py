@@ -40,6 +40,7 @@ import logging
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,10 +48,11 @@ from nextword.text import SplitText, split_text
 from service import metrics
 from service.config import Settings
 from service.engine import Engine
-from service.engine.batcher import STEP, WorkItem
-from service.engine.errors import BatcherClosedError, VersionNotFoundError
+from service.engine.batcher import STEP, WorkItem, WorkResult
+from service.engine.errors import VersionNotFoundError
 from service.engine.predictor import Candidate, select
 from service.engine.repository import LoadedVersion
+from service.engine.swap import on_current_version
 from service.sessions.errors import (
     DeltaTooLongError,
     InvalidSessionInputError,
@@ -261,8 +263,9 @@ class SessionManager:
                 if row is not None:
                     record.pending = split.pending
                     return self._result(lv, record, row, k, split, rebuilt=False)
-        for attempt in range(3):
-            lv, rebuilt = self._version_for(record)
+
+        async def submit(choice: tuple[LoadedVersion, bool]) -> _Submitted:
+            lv, rebuilt = choice
             if rebuilt:
                 base, state, last_id = list(record.recent_words), None, lv.eos_id
             else:
@@ -277,31 +280,28 @@ class SessionManager:
                 advance = WorkItem(np.concatenate([head, ids[: n - 1]]), state=state, want_state=True,
                                    want_log_probs=False, label=STEP)
                 items = [advance, read]
-            try:
-                outputs = await lv.batcher.run_many(items)
-            except BatcherClosedError:  # the version was unloaded in between: resolve again
-                if attempt == 2:
-                    raise
-                await asyncio.sleep(0)
-                continue
-            assert outputs[-1].log_probs is not None
-            if n:
-                record.state, record.last_id = outputs[0].next_state, int(ids[n - 1])
-            elif rebuilt:
-                record.state, record.last_id = None, lv.eos_id
-            if rebuilt:
-                log.info("session rebuilt on %s v%d from %d recent words (was v%d)", lv.name, lv.version,
-                         len(base), record.version)
-                record.version, record.context = lv.version, len(base)
-            record.context += len(split.committed)
-            record.committed += len(split.committed)
-            keep = self.settings.session_rebuild_words
-            record.recent_words = (record.recent_words + split.committed)[-keep:]
-            record.pending = split.pending
-            row = self.adjust_row(lv, record, outputs[-1].log_probs)
-            self.rows.put(record.id, lv, self.stamp(record, split.tail), record.state, row)
-            return self._result(lv, record, row, k, split, rebuilt)
-        raise AssertionError("unreachable")
+            return _Submitted(lv, rebuilt, len(base), ids, n, await lv.batcher.run_many(items))
+
+        lv, rebuilt, base_words, ids, n, outputs = await on_current_version(
+            lambda: self._version_for(record), submit
+        )
+        assert outputs[-1].log_probs is not None
+        if n:
+            record.state, record.last_id = outputs[0].next_state, int(ids[n - 1])
+        elif rebuilt:
+            record.state, record.last_id = None, lv.eos_id
+        if rebuilt:
+            log.info("session rebuilt on %s v%d from %d recent words (was v%d)", lv.name, lv.version,
+                     base_words, record.version)
+            record.version, record.context = lv.version, base_words
+        record.context += len(split.committed)
+        record.committed += len(split.committed)
+        keep = self.settings.session_rebuild_words
+        record.recent_words = (record.recent_words + split.committed)[-keep:]
+        record.pending = split.pending
+        row = self.adjust_row(lv, record, outputs[-1].log_probs)
+        self.rows.put(record.id, lv, self.stamp(record, split.tail), record.state, row)
+        return self._result(lv, record, row, k, split, rebuilt)
 
     @staticmethod
     def _result(lv: LoadedVersion, record: SessionRecord, row: np.ndarray, k: int, split: SplitText,
@@ -311,6 +311,17 @@ class SessionManager:
             record=record, candidates=candidates, prefix=split.prefix, prefix_probability=top.mass,
             matches=top.matches, context_words=record.context + len(split.tail), rebuilt=rebuilt,
         )
+
+
+class _Submitted(NamedTuple):
+    """One session step's model work, done on the version it ran on."""
+
+    version: LoadedVersion
+    rebuilt: bool
+    base_words: int  # recent words re-read to rebuild the state on a new version
+    ids: np.ndarray
+    words: int  # words committed by the step (base included)
+    outputs: list[WorkResult]
 
 
 def _fits(lv: LoadedVersion, record: SessionRecord) -> bool:

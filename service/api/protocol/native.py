@@ -6,9 +6,12 @@ here, so a deployment can change them without a code change; fixed bounds (``k``
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from service.engine.repository import SERVING, VersionInfo
 
 MAX_K = 100
 
@@ -135,6 +138,16 @@ class ModelInfo(BaseModel):
     name: str
     serving_version: int | None = Field(description="The version answering requests that name none.")
     versions: list[ModelVersionInfo] = Field(description="Newest first.")
+
+
+def model_info(name: str, versions: list[VersionInfo]) -> ModelInfo:
+    """The engine's view of a model's versions as the API reports it (the one place that converts)."""
+    serving = next((v.version for v in versions if v.status == SERVING), None)
+    fields = set(ModelVersionInfo.model_fields)
+    return ModelInfo(
+        name=name, serving_version=serving,
+        versions=[ModelVersionInfo(**{k: v for k, v in asdict(info).items() if k in fields}) for info in versions],
+    )
 
 
 class ModelsResponse(BaseModel):

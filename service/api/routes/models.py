@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
 
 from fastapi import APIRouter
 
 from service.api.body import CheckedRoute
 from service.api.deps import EngineDep, RepositoryDep
-from service.api.protocol.native import ErrorResponse, ModelInfo, ModelsResponse, ModelVersionInfo, ReloadResponse
+from service.api.protocol.native import ErrorResponse, ModelInfo, ModelsResponse, ReloadResponse, model_info
 from service.engine import ModelRepository
-from service.engine.repository import SERVING, VersionInfo
 
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=CheckedRoute)
 
 
-def _info(name: str, versions: list[VersionInfo]) -> ModelInfo:
-    serving = next((v.version for v in versions if v.status == SERVING), None)
-    fields = set(ModelVersionInfo.model_fields)
-    return ModelInfo(
-        name=name, serving_version=serving,
-        versions=[ModelVersionInfo(**{k: v for k, v in asdict(info).items() if k in fields}) for info in versions],
-    )
-
-
 def _models(repository: ModelRepository) -> list[ModelInfo]:
-    return [_info(name, versions) for name, versions in repository.status().items()]
+    return [model_info(name, versions) for name, versions in repository.status().items()]
 
 
 @router.get("", response_model=ModelsResponse)
@@ -46,7 +35,7 @@ async def list_models(engine: EngineDep, repository: RepositoryDep) -> ModelsRes
 
 @router.get("/{name}", response_model=ModelInfo, responses={404: {"model": ErrorResponse}})
 async def get_model(name: str, repository: RepositoryDep) -> ModelInfo:
-    return _info(name, repository.status(name)[name])
+    return model_info(name, repository.status(name)[name])
 
 
 @router.post("/reload", response_model=ReloadResponse)
