@@ -5,6 +5,8 @@
   change, regenerate the snapshot with ``python -m tests.test_architecture``.
 * The engine and the session manager know nothing of HTTP: no module of ``service.engine`` or
   ``service.sessions``, nor any ``service`` module they import, imports FastAPI or Starlette.
+* No package imports itself in a circle (``training`` and ``service``, imports inside functions
+  included).
 """
 
 from __future__ import annotations
@@ -94,11 +96,7 @@ def _service_closure(roots: list[str]) -> dict[str, set[str]]:
 
 
 def test_engine_and_sessions_import_no_http_framework() -> None:
-    roots = [
-        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-        for package in HTTP_FREE
-        for p in sorted(ROOT.joinpath(*package.split(".")).rglob("*.py"))
-    ]
+    roots = [m for package in HTTP_FREE for m in _package_modules(package)]
     assert len(roots) > 10
     closure = _service_closure(roots)
     offenders = sorted(
@@ -108,6 +106,47 @@ def test_engine_and_sessions_import_no_http_framework() -> None:
         if imported.split(".")[0] in HTTP_PACKAGES or imported == "service.api" or imported.startswith("service.api.")
     )
     assert not offenders, offenders
+
+
+def _package_modules(package: str) -> list[str]:
+    return [
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in sorted(ROOT.joinpath(*package.split(".")).rglob("*.py"))
+    ]
+
+
+def _cycles(package: str) -> list[list[str]]:
+    """Import cycles among the modules of ``package`` (a package importing its own submodules
+    from ``__init__`` is not a cycle: submodules importing their parent package is not followed)."""
+    modules = set(_package_modules(package))
+    graph = {
+        m: sorted(i for i in _imports(m, _module_file(m)) if i in modules and not m.startswith(i + "."))  # type: ignore[arg-type]
+        for m in modules
+    }
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for n in graph[m]:
+            if state.get(n) == 1:
+                cycles.append(path[path.index(n):] + [n])
+            elif n not in state:
+                visit(n)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m)
+    return cycles
+
+
+def test_no_import_cycles() -> None:
+    for package in ("training", "service", "nextword"):
+        assert not _cycles(package), (package, _cycles(package))
 
 
 if __name__ == "__main__":

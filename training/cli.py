@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from training.data import CorpusError
@@ -134,36 +133,8 @@ def _add_optim(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, default=25, help="steps between progress/metrics-log updates")
 
 
-MODEL_ARGS = (
-    "cell",
-    "embedding_size",
-    "hidden_size",
-    "num_layers",
-    "dropout_embedding",
-    "dropout",
-    "dropout_output",
-    "tied",
-    "zoneout",
-    "locked_dropout",
-    "dropout_words",
-    "weight_drop",
-)
-
-
-def train_config_from_args(args: argparse.Namespace):
-    from training.train import TrainConfig
-
-    names = {f.name for f in fields(TrainConfig)} - {"model", "corpus", "out_dir"}
-    return TrainConfig(
-        corpus=args.corpus,
-        out_dir=args.out,
-        model={k: getattr(args, k) for k in MODEL_ARGS},
-        **{k: getattr(args, k) for k in names if hasattr(args, k)},
-    )
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.train import train
+    from training.train import train, train_config_from_args
 
     summary = train(train_config_from_args(args), resume=args.resume)
     if summary:
@@ -233,36 +204,11 @@ def _corpus_from_run(args: argparse.Namespace, config: dict) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
-    from nextword.vocab import Vocab
-    from training.evaluate import evaluate_artifact
-    from training.export import export_model
-    from training.model import LanguageModel, ModelConfig
+    from training.export import evaluate_export, export_model, load_run, run_config, run_provenance
 
     run = Path(args.run)
-    ckpt_path = run / "best.pt"
-    if not ckpt_path.exists():
-        from training.train import CheckpointError
-
-        raise CheckpointError(f"{ckpt_path} does not exist (train with --out {run} first)")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    model = LanguageModel(ModelConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    vocab = Vocab.load(run / "vocab.txt")
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
-    config = json.loads((run / "config.json").read_text())
-    _corpus_from_run(args, config)
-    training = {
-        "corpus": summary.get("corpus"),
-        "protocol": summary.get("protocol"),
-        "config": config,
-        "train_minutes": summary.get("train_minutes"),
-        "steps": summary.get("steps"),
-        "parameters": summary.get("parameters"),
-        "best_epoch": summary.get("best_epoch"),
-        "command": args.train_command or config.get("command"),
-    }
+    model, vocab = load_run(run)
+    _corpus_from_run(args, run_config(run))
     target = export_model(
         model,
         vocab,
@@ -271,34 +217,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.version,
         weights_dtype=args.weights_dtype,
         quantize=args.quantize,
-        training=training,
+        training=run_provenance(run, args.train_command),
         overwrite=args.overwrite,
     )
     if args.evaluate:
-        from nextword import artifact as A
-
-        card = A.read_card(target)
-        metrics: dict = {}
-        for split in ("valid", "test"):
-            metrics[split] = evaluate_artifact(target, _corpus_split(args, split), threads=args.threads)
-            if args.ngram_order:
-                metrics[f"{split}_kn{args.ngram_order}"] = _ngram(args)[split]
-        if "predict_int8" in card.graphs:
-            # The int8 graph has no score graph: compare it with the float graph position by position.
-            from training.evaluate import evaluate_predict_graph
-
-            valid = _corpus_split(args, "valid")
-            card.export["int8_accuracy"] = {
-                "positions": 2048,
-                "window": 32,
-                "split": "valid",
-                "fp32": evaluate_predict_graph(target, card.graphs["predict"], valid),
-                "int8": evaluate_predict_graph(target, card.graphs["predict_int8"], valid),
-            }
-        if args.ngram_order:
-            metrics["test_ppl_ratio_vs_kn"] = metrics["test"]["ppl"] / metrics[f"test_kn{args.ngram_order}"]["ppl"]
-        card.metrics = metrics
-        A.write_card(target, card)
+        splits = {split: _corpus_split(args, split) for split in ("valid", "test")}
+        ngram = (args.ngram_order, _ngram(args)) if args.ngram_order else None
+        evaluate_export(target, splits, threads=args.threads, ngram=ngram)
     print(target)
     return 0
 

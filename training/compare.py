@@ -60,13 +60,8 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def compare_cells(args: argparse.Namespace) -> list[dict]:
-    import torch
-
-    from nextword.vocab import Vocab
-    from training.cli import train_config_from_args
-    from training.export import export_model
-    from training.model import LanguageModel, ModelConfig
-    from training.train import train
+    from training.export import export_model, load_run
+    from training.train import train, train_config_from_args
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,12 +75,8 @@ def compare_cells(args: argparse.Namespace) -> list[dict]:
         cfg = train_config_from_args(ns)
         cfg.valid_tokens = args.max_eval_tokens
         summary = train(cfg)
-        ckpt = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
-        model = LanguageModel(ModelConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        target = export_model(
-            model, Vocab.load(run / "vocab.txt"), out / "repository", spec.replace("+", "-"), overwrite=True, version=1
-        )
+        model, vocab = load_run(run)
+        target = export_model(model, vocab, out / "repository", spec.replace("+", "-"), overwrite=True, version=1)
         records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         steps = summary["steps"]
         rows.append(

@@ -1,11 +1,15 @@
 """Export a trained model into the model repository (``models/<name>/<version>/``), checking
-onnxruntime against torch before the version is written (see ``models/README.md``)."""
+onnxruntime against torch before the version is written (see ``models/README.md``): from a model
+in memory (:func:`export_model`; a training run's checkpoint and provenance: :func:`load_run`,
+:func:`run_provenance`), and the exported version's evaluation written into its card
+(:func:`evaluate_export`)."""
 
 from __future__ import annotations
 
 import copy
 import datetime as dt
 import hashlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,8 +22,10 @@ import torch
 
 from nextword import artifact as A
 from nextword.vocab import Vocab
-from training.model import LanguageModel
+from training.evaluate import evaluate_artifact, evaluate_predict_graph
+from training.model import LanguageModel, ModelConfig
 from training.onnx_graph import OPSET, build_graph
+from training.train import CheckpointError
 
 PARITY_TOLERANCE = 1e-4
 
@@ -218,3 +224,66 @@ def _int8_delta(model: LanguageModel, directory: Path) -> float:
     a = _session(directory / A.PREDICT_GRAPH).run(None, _feeds(model, tokens, lengths, state))[0]
     b = _session(directory / A.PREDICT_INT8_GRAPH).run(None, _feeds(model, tokens, lengths, state))[0]
     return float(np.abs(a - b).max())
+
+
+def load_run(run: Path) -> tuple[LanguageModel, Vocab]:
+    """The best checkpoint of a training run directory and its vocabulary."""
+    ckpt_path = run / "best.pt"
+    if not ckpt_path.exists():
+        raise CheckpointError(f"{ckpt_path} does not exist (train with --out {run} first)")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model = LanguageModel(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model, Vocab.load(run / "vocab.txt")
+
+
+def run_config(run: Path) -> dict[str, Any]:
+    """A training run's ``config.json``."""
+    return json.loads((run / "config.json").read_text())
+
+
+def run_provenance(run: Path, command: str | None = None) -> dict[str, Any]:
+    """What the model card records of how a run was trained (from its summary and config)."""
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    config = run_config(run)
+    return {
+        "corpus": summary.get("corpus"),
+        "protocol": summary.get("protocol"),
+        "config": config,
+        "train_minutes": summary.get("train_minutes"),
+        "steps": summary.get("steps"),
+        "parameters": summary.get("parameters"),
+        "best_epoch": summary.get("best_epoch"),
+        "command": command or config.get("command"),
+    }
+
+
+def evaluate_export(
+    target: Path,
+    splits: dict[str, list[str]],
+    threads: int | None = None,
+    ngram: tuple[int, dict[str, dict[str, Any]]] | None = None,
+) -> None:
+    """Evaluate an exported version on the ``valid`` and ``test`` word lists and write the figures
+    into its card: perplexity and top-k accuracy, the int8 graph's accuracy beside the float
+    graph's when there is one, and with ``ngram`` (order, its result per split) the KN baseline."""
+    card = A.read_card(target)
+    metrics: dict[str, Any] = {}
+    for split in ("valid", "test"):
+        metrics[split] = evaluate_artifact(target, splits[split], threads=threads)
+        if ngram:
+            metrics[f"{split}_kn{ngram[0]}"] = ngram[1][split]
+    if "predict_int8" in card.graphs:
+        # The int8 graph has no score graph: compare it with the float graph position by position.
+        valid = splits["valid"]
+        card.export["int8_accuracy"] = {
+            "positions": 2048,
+            "window": 32,
+            "split": "valid",
+            "fp32": evaluate_predict_graph(target, card.graphs["predict"], valid),
+            "int8": evaluate_predict_graph(target, card.graphs["predict_int8"], valid),
+        }
+    if ngram:
+        metrics["test_ppl_ratio_vs_kn"] = metrics["test"]["ppl"] / metrics[f"test_kn{ngram[0]}"]["ppl"]
+    card.metrics = metrics
+    A.write_card(target, card)

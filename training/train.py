@@ -26,13 +26,14 @@ an average. (Runs with it are reproducible only up to machine speed.)
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,33 @@ class TrainConfig:
     ema_decay: float = 0.999
     time_schedule: bool = False  # LR/exact softmax/averaging follow the time limit too
     model: dict[str, Any] = field(default_factory=dict)
+
+
+MODEL_ARGS = (  # ModelConfig fields set from the command line
+    "cell",
+    "embedding_size",
+    "hidden_size",
+    "num_layers",
+    "dropout_embedding",
+    "dropout",
+    "dropout_output",
+    "tied",
+    "zoneout",
+    "locked_dropout",
+    "dropout_words",
+    "weight_drop",
+)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The training configuration given on the command line (``nextword-train train`` and ``compare``)."""
+    names = {f.name for f in fields(TrainConfig)} - {"model", "corpus", "out_dir"}
+    return TrainConfig(
+        corpus=args.corpus,
+        out_dir=args.out,
+        model={k: getattr(args, k) for k in MODEL_ARGS},
+        **{k: getattr(args, k) for k in names if hasattr(args, k)},
+    )
 
 
 class CheckpointError(Exception):
