@@ -22,10 +22,10 @@ import training.model as M  # noqa: E402
 from nextword.text import SPECIAL_TOKENS  # noqa: E402
 from nextword.vocab import Vocab  # noqa: E402
 from training.averaging import WeightAverage  # noqa: E402
-from training.cli import build_parser, train_config_from_args  # noqa: E402
+from training.cli import build_parser  # noqa: E402
 from training.export import PARITY_TOLERANCE, export_model  # noqa: E402
 from training.model import CELLS, LanguageModel, ModelConfig, sequence_dropout  # noqa: E402
-from training.train import TrainConfig, _lr_lambda, activation_penalties, train  # noqa: E402
+from training.train import TrainConfig, _lr_lambda, activation_penalties, train, train_config_from_args  # noqa: E402
 
 V, E, H, B, T = 30, 6, 6, 5, 9
 # (cell, zoneout): every cell, and the zoneout variants that use the stepped implementation
