@@ -14,6 +14,8 @@ and ✅/❌. Sections (``--only``):
   redis memory per session, resident memory per loaded model version (docs/scaling.md)
 * ``prompt``   — stateless predict on 1/64/512-word prompts, cost per prompt word
 * ``training`` — tokens/s of the trainer's step vs a minimal nn.LSTM loop, and of every cell
+* ``keyboard`` — simulated typists on WebSocket sessions (one character per message, open loop):
+  typists served at p99 ≤ 50 ms with the keystroke fast path vs without it; prefix selection cost
 
 Results: a Markdown table on stdout, ``bench-results/latest.json``, and with ``--readme`` the
 README's table between ``<!-- bench:start -->`` and ``<!-- bench:end -->``.

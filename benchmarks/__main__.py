@@ -176,13 +176,15 @@ def main(argv: list[str] | None = None) -> int:
 def _runners() -> dict:
     from benchmarks.capacity import run_capacity
     from benchmarks.http_load import run_http, run_overhead
+    from benchmarks.keyboard import run_keyboard
     from benchmarks.prompt import run_prompt
     from benchmarks.runtime import run_roofline, run_runtime
     from benchmarks.sessions import run_sessions
     from benchmarks.training_loop import run_training
 
     return {"runtime": run_runtime, "roofline": run_roofline, "http": run_http, "overhead": run_overhead,
-            "sessions": run_sessions, "capacity": run_capacity, "prompt": run_prompt, "training": run_training}
+            "sessions": run_sessions, "capacity": run_capacity, "prompt": run_prompt, "training": run_training,
+            "keyboard": run_keyboard}
 
 
 if __name__ == "__main__":

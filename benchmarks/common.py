@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("runtime", "roofline", "http", "overhead", "sessions", "capacity", "prompt", "training")
+SECTIONS = ("runtime", "roofline", "http", "overhead", "sessions", "capacity", "prompt", "training", "keyboard")
 
 
 @dataclass

@@ -180,3 +180,26 @@ def test_http_client_errors_are_oserrors(live_server: str) -> None:
 
     with pytest.raises(OSError):
         asyncio.run(refused())
+
+
+def test_keyboard_replay_against_a_real_server(live_server: str, tmp_path: Path) -> None:
+    """Typists on their own WebSocket sessions, one character per message, open loop, in the
+    keyboard load generator's own process: every keystroke is answered, none is an error, and
+    keystrokes inside a word are told from those completing one."""
+    from benchmarks.keyboard import replay, sentences
+
+    texts, source = sentences(0, count=20, root=tmp_path / "no-corpus")
+    assert "passage" in source and all(len(t.split()) >= 4 for t in texts)
+    result = replay(live_server, 3, texts, seconds=2.0, warmup_s=0.5, interval_ms=40, model="tiny", version=2)
+    assert result["error_count"] == 0, result["errors"]
+    assert result["answered"] == result["sent"] > 0
+    assert result["midword_p50_ms"] > 0 and result["commit_p50_ms"] > 0 and result["p99_ms"] >= result["p50_ms"]
+    assert result["client_cpu_cores"] > 0 and result["clients"] == 1
+
+
+def test_brown_sentences_are_typed_as_text() -> None:
+    from benchmarks.keyboard import detokenize
+
+    assert detokenize(["``", "he", "said", ",", "it", "is", "n't", "(", "so", ")", ".", "''"]) == (
+        "he said, it isn't (so)."
+    )

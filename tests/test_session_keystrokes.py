@@ -272,3 +272,40 @@ def test_redis_record_keeps_its_layout(redis_pair: tuple[RedisServer, list[TestC
     assert_same_predictions(body, predict(a, "the quick b"))
     info = b.get(f"/v1/sessions/{sid}").json()
     assert (info["pending"], info["committed_words"]) == ("b", 2)
+
+
+# --------------------------------------------------------------------------- the lean per-message path
+
+
+def test_lean_reply_equals_the_response_model(client: TestClient) -> None:
+    from service.api.routes.sessions import predictions_body, predictions_of
+
+    manager = client.app.state.sessions
+    sid = create(client, text="the qu")["session_id"]
+    for delta in ["i", " ", "z"]:
+        result = client.portal.call(manager.update, sid, delta)
+        assert predictions_body(result) == predictions_of(result).model_dump()
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(message=st.dictionaries(
+    st.sampled_from(["seq", "text", "replace_pending", "k", "extra"]),
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 200), st.floats(allow_nan=False), st.text(max_size=3),
+              st.lists(st.integers(), max_size=1)),
+))
+def test_hand_checked_messages_are_exactly_those_the_model_accepts(message: dict[str, Any]) -> None:
+    """The hand check takes only messages StreamMessage accepts, with the same values; the rest
+    go through StreamMessage for its errors."""
+    from pydantic import ValidationError
+
+    from service.api.protocol.sessions import StreamMessage
+    from service.api.routes.sessions import _common_message
+
+    fields = _common_message(message)
+    if fields is None:
+        return
+    try:
+        parsed = StreamMessage.model_validate(message)
+    except ValidationError as exc:
+        raise AssertionError(f"hand check accepted {message}: {exc}") from None
+    assert fields == (parsed.text, parsed.replace_pending, parsed.k)

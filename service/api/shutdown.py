@@ -52,19 +52,12 @@ class Drain:
     def __init__(self) -> None:
         self.draining = False
         self.closing = False
-        self._closing_future: asyncio.Future[None] | None = None
+        self._waiting: set[asyncio.Timeout] = set()  # streams waiting for their client's next message
         self._streams = 0
         self._idle: asyncio.Event | None = None
 
     def begin(self) -> None:
         self.draining = True
-
-    def _closed(self) -> asyncio.Future[None]:
-        if self._closing_future is None:
-            self._closing_future = asyncio.get_running_loop().create_future()
-            if self.closing:
-                self._closing_future.set_result(None)
-        return self._closing_future
 
     @contextlib.contextmanager
     def stream(self) -> Iterator[None]:
@@ -80,32 +73,32 @@ class Drain:
     async def receive(self, receive: Awaitable[T], timeout: float) -> T:
         """``receive``'s result; TimeoutError after ``timeout``; StreamClosing if the streams are
         closed first. A message that arrived is always returned, never dropped: the caller owes
-        it a reply."""
+        it a reply. (This runs once per keystroke: one deadline, no task per message. Closing
+        moves the deadline of every stream waiting here to now; a receive cancelled that way
+        leaves its message unread in the server's queue, never applied.)"""
         if self.closing:
             if inspect.iscoroutine(receive):
                 receive.close()  # never started: nothing was read
             raise StreamClosing
-        task = asyncio.ensure_future(receive)
-        closed = self._closed()
-        await asyncio.wait((task, closed), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        task.cancel()
         try:
-            return await task  # it completed just before the cancel took effect
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # the caller itself is being cancelled
-        if closed.done():
-            raise StreamClosing
-        raise TimeoutError
+            async with asyncio.timeout(timeout) as deadline:
+                self._waiting.add(deadline)
+                try:
+                    return await receive
+                finally:
+                    self._waiting.discard(deadline)
+        except TimeoutError:
+            if self.closing:
+                raise StreamClosing from None
+            raise
 
     async def close_streams(self, timeout: float) -> None:
         """Tell the WebSockets to close; wait (at most ``timeout``) until they all have."""
         self.draining = self.closing = True
-        if self._closing_future is not None and not self._closing_future.done():
-            self._closing_future.set_result(None)
+        now = asyncio.get_running_loop().time()
+        for deadline in list(self._waiting):
+            if not deadline.expired():
+                deadline.reschedule(now)
         if self._streams:
             self._idle = asyncio.Event()
             with contextlib.suppress(TimeoutError):

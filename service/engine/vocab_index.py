@@ -15,6 +15,10 @@ import numpy as np
 
 from nextword.vocab import Vocab
 
+# Prefix ranges up to this many words are sorted whole (measured: 9 vs 20 µs of CPU at 57 words,
+# 12 vs 22 µs at 187, break-even near 400; the 889 words of "t" are faster through the shortlist).
+SORT_WHOLE_RANGE = 256
+
 
 @dataclass(frozen=True)
 class TopK:
@@ -77,21 +81,29 @@ class VocabIndex:
         # float32 throughout (the model's own precision): the shift by the eligible maximum keeps
         # one term at exactly 1, so nothing that matters underflows, and the pairwise sum is good
         # to ~1e-7 relative. Half the memory traffic of float64 over a vocabulary-sized row.
-        wide = scores.astype(np.float32)  # a copy: the batch row is read-only
         if ids is None:
+            wide = scores.astype(np.float32)  # a copy: the batch row is read-only
             wide[self.banned] = -np.inf
+        else:
+            wide = scores.astype(np.float32, copy=False)  # row[ids] is a copy already
         top = float(wide.max())
-        if not np.isfinite(top):
+        finite = bool(np.isfinite(top))
+        if not finite:
             top = 0.0 if np.isnan(top) or top > 0 else -1e30
         shifted = wide - np.float32(top)
         log_mass = top + float(np.log(np.exp(shifted, out=shifted).sum(dtype=np.float64)))
         k = min(k, matches)
-        pos = _shortlist(wide, k)
-        if ids is None:
-            pos = pos[self.allowed[pos]]
         # Best first, ties by word id: the result never depends on partitioning order.
-        keys = ids[pos] if ids is not None else pos
-        pos = pos[np.lexsort((keys, -wide[pos]))[:k]]
+        if ids is not None and matches <= SORT_WHOLE_RANGE and finite:
+            # A short prefix range (most keystrokes past the first letter): sorting it whole
+            # costs less than the few numpy calls that shortlist it.
+            pos = np.lexsort((ids, -wide))[:k]
+        else:
+            pos = _shortlist(wide, k)
+            if ids is None:
+                pos = pos[self.allowed[pos]]
+            keys = ids[pos] if ids is not None else pos
+            pos = pos[np.lexsort((keys, -wide[pos]))[:k]]
         chosen = wide[pos].astype(np.float64)
         if prefix:
             chosen = chosen - log_mass

@@ -12,8 +12,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 from service import metrics
 from service.sessions.errors import SessionExpiredError, SessionNotFoundError
@@ -104,10 +103,8 @@ class MemoryStore:
         metrics.SESSIONS_DELETED.labels(self.name).inc()
         return True
 
-    @asynccontextmanager
-    async def lock(self, session_id: str) -> AsyncIterator[object]:
-        async with self._locks.hold(session_id, self.lock_timeout):
-            yield None
+    def lock(self, session_id: str) -> AbstractAsyncContextManager[object]:
+        return self._locks.hold(session_id, self.lock_timeout)
 
     async def sweep(self) -> None:
         now = self.clock()

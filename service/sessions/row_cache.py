@@ -39,6 +39,8 @@ from service import metrics
 # that a longer stamp or fragment stays within the bound.
 ENTRY_OVERHEAD_BYTES = 1024
 
+_HIT, _MISS = metrics.ROW_CACHE_LOOKUPS.labels("hit"), metrics.ROW_CACHE_LOOKUPS.labels("miss")
+
 
 @dataclass(slots=True)
 class _Entry:
@@ -90,9 +92,9 @@ class RowCache:
         if (entry is not None and entry.model() is model and entry.stamp == stamp
                 and _same_state(entry.state, state)):
             self._entries.move_to_end(session_id)
-            metrics.ROW_CACHE_LOOKUPS.labels("hit").inc()
+            _HIT.inc()
             return entry.row
-        metrics.ROW_CACHE_LOOKUPS.labels("miss").inc()
+        _MISS.inc()
         return None
 
     def put(self, session_id: str, model: object, stamp: Hashable, state: dict[str, np.ndarray] | None,

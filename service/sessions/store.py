@@ -22,11 +22,9 @@ told its session *expired* rather than never existed) and serialise updates of o
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -70,9 +68,13 @@ class SessionRecord:
 
     def copy(self) -> SessionRecord:
         """A copy safe to modify: the state arrays are replaced on update, never written in place."""
-        return dataclasses.replace(
-            self, recent_words=list(self.recent_words), state=dict(self.state) if self.state is not None else None
-        )
+        # Field by field rather than dataclasses.replace, which re-runs __init__ through
+        # introspection: the memory store copies twice per keystroke.
+        new = object.__new__(SessionRecord)
+        new.__dict__.update(self.__dict__)
+        new.recent_words = list(self.recent_words)
+        new.state = dict(self.state) if self.state is not None else None
+        return new
 
 
 class SessionStore(Protocol):
@@ -114,28 +116,52 @@ class KeyedLocks:
     def __init__(self) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    @asynccontextmanager
-    async def hold(self, key: str, timeout: float) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[key] = (lock, users + 1)
-        try:
-            try:
-                async with asyncio.timeout(timeout):  # a free lock is taken without suspending
-                    await lock.acquire()
-            except TimeoutError:
-                raise SessionBusyError(key, timeout) from None
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            lock, users = self._locks[key]
-            if users <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+    def hold(self, key: str, timeout: float) -> _Held:
+        return _Held(self, key, timeout)
 
     def __len__(self) -> int:
         return len(self._locks)
+
+
+class _Held:
+    """``async with locks.hold(key, timeout)``: a class rather than an ``asynccontextmanager``
+    generator, and a free lock is taken without arming a timeout: this runs on every keystroke."""
+
+    __slots__ = ("key", "lock", "locks", "timeout")
+
+    def __init__(self, locks: KeyedLocks, key: str, timeout: float) -> None:
+        self.locks, self.key, self.timeout = locks, key, timeout
+        self.lock: asyncio.Lock | None = None
+
+    async def __aenter__(self) -> None:
+        table = self.locks._locks
+        lock, users = table.get(self.key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        table[self.key] = (lock, users + 1)
+        self.lock = lock
+        try:
+            if users:  # held or awaited by another update here: wait, at most the timeout
+                async with asyncio.timeout(self.timeout):
+                    await lock.acquire()
+            else:
+                await lock.acquire()  # nobody else: taken without suspending
+        except TimeoutError:
+            self._leave()
+            raise SessionBusyError(self.key, self.timeout) from None
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.lock is not None
+        self.lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        table = self.locks._locks
+        lock, users = table[self.key]
+        if users <= 1:
+            del table[self.key]
+        else:
+            table[self.key] = (lock, users - 1)

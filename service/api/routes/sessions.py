@@ -31,7 +31,7 @@ from starlette.websockets import WebSocketDisconnect
 from service.api.body import CheckedRoute, json_too_deep
 from service.api.deps import SessionsDep
 from service.api.errors import error_body
-from service.api.protocol.native import ErrorResponse, WordProbability
+from service.api.protocol.native import MAX_K, ErrorResponse, WordProbability
 from service.api.protocol.sessions import (
     SessionCreateRequest,
     SessionInfo,
@@ -85,6 +85,26 @@ def predictions_of(result: SessionResult) -> SessionPredictions:
     )
 
 
+def predictions_body(result: SessionResult) -> dict[str, Any]:
+    """``predictions_of(result).model_dump()`` built directly: the per-keystroke paths (the
+    WebSocket message, the HTTP update) skip constructing and dumping the pydantic model, which
+    cost more than answering a keystroke from the cache."""
+    record = result.record
+    return {
+        "session_id": record.id, "model": record.model, "version": record.version,
+        "predictions": [{"word": c.word, "probability": c.probability, "log_prob": c.log_prob}
+                        for c in result.candidates],
+        "prefix": result.prefix, "prefix_probability": result.prefix_probability, "matches": result.matches,
+        "context_words": result.context_words, "committed_words": record.committed, "pending": record.pending,
+        "rebuilt": result.rebuilt, "expires_at": record.expires_at,
+    }
+
+
+def _json(value: Any) -> str:
+    # What starlette's send_json and JSONResponse write: compact, UTF-8 as is.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -96,12 +116,13 @@ async def create_session(body: SessionCreateRequest, sessions: SessionsDep) -> S
 
 
 @router.post("/{session_id}/text", response_model=SessionPredictions, responses=_ERRORS)
-async def append_text(session_id: str, body: SessionUpdateRequest, sessions: SessionsDep) -> SessionPredictions:
+async def append_text(session_id: str, body: SessionUpdateRequest, sessions: SessionsDep) -> Response:
     """Append a text delta (and/or replace the uncommitted fragment) and predict the next word.
 
     Only words followed by whitespace are committed to the recurrent state; the trailing fragment
     stays pending (a prefix to complete) until whitespace or punctuation completes it."""
-    return predictions_of(await sessions.update(session_id, body.text, body.replace_pending, body.k))
+    result = await sessions.update(session_id, body.text, body.replace_pending, body.k)
+    return Response(_json(predictions_body(result)).encode(), media_type="application/json")
 
 
 @router.get("/{session_id}", response_model=SessionInfo, responses=_ERRORS)
@@ -175,7 +196,11 @@ async def stream_session(websocket: WebSocket, session_id: str) -> None:
 
 async def _serve(websocket: WebSocket, sessions: SessionManager, record: SessionRecord) -> None:
     """Answer the socket's messages in order until it closes, idles past the TTL, the session goes
-    or the process shuts down."""
+    or the process shuts down.
+
+    This runs once per keystroke, so the common message takes a lean path: a well-formed message
+    is checked by hand (anything else goes through ``StreamMessage`` for its exact error), and
+    the reply is built as a dict and encoded once."""
     session_id, idle = record.id, record.ttl
     drain: Drain = websocket.app.state.drain
     try:
@@ -192,24 +217,13 @@ async def _serve(websocket: WebSocket, sessions: SessionManager, record: Session
                 return
             seq: int | None = None
             try:
-                text = message.get("text")
-                if text is None:
-                    raise _MessageError("binary frames are not supported: send JSON text messages")
-                too_deep = json_too_deep(text)
-                if too_deep:
-                    raise _MessageError(f"message is not valid: {too_deep}", "invalid_json", 400)
-                try:
-                    data = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise _MessageError(f"message is not valid JSON: {exc.msg} at position {exc.pos}",
-                                        "invalid_json", 400) from None
-                if not isinstance(data, dict):
-                    raise _MessageError('a message must be a JSON object like {"seq": 1, "text": "the "}')
-                if isinstance(data.get("seq"), int) and not isinstance(data.get("seq"), bool):
-                    seq = data["seq"]
-                parsed = StreamMessage.model_validate(data)
-                result = await sessions.update(session_id, parsed.text, parsed.replace_pending, parsed.k,
-                                               transport="websocket")
+                data = _message_data(message)
+                seq = data.get("seq") if type(data.get("seq")) is int else None
+                fields = _common_message(data)
+                if fields is None:
+                    parsed = StreamMessage.model_validate(data)
+                    fields = (parsed.text, parsed.replace_pending, parsed.k)
+                result = await sessions.update(session_id, *fields, transport="websocket")
             except (SessionNotFoundError, SessionExpiredError) as exc:
                 await _send_error(websocket, exc, seq)
                 await websocket.close(SESSION_GONE_CLOSE, reason=exc.type)
@@ -217,10 +231,42 @@ async def _serve(websocket: WebSocket, sessions: SessionManager, record: Session
             except Exception as exc:
                 await _send_error(websocket, exc, seq)
                 continue
-            reply = predictions_of(result).model_dump()
-            await websocket.send_json({"type": "predictions", "seq": seq, **reply})
+            await websocket.send_text(_json({"type": "predictions", "seq": seq, **predictions_body(result)}))
     except WebSocketDisconnect:
         return
+
+
+def _message_data(message: dict[str, Any]) -> dict[str, Any]:
+    text = message.get("text")
+    if text is None:
+        raise _MessageError("binary frames are not supported: send JSON text messages")
+    too_deep = json_too_deep(text)
+    if too_deep:
+        raise _MessageError(f"message is not valid: {too_deep}", "invalid_json", 400)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _MessageError(f"message is not valid JSON: {exc.msg} at position {exc.pos}",
+                            "invalid_json", 400) from None
+    if not isinstance(data, dict):
+        raise _MessageError('a message must be a JSON object like {"seq": 1, "text": "the "}')
+    return data
+
+
+_MESSAGE_FIELDS = frozenset(StreamMessage.model_fields)
+
+
+def _common_message(data: dict[str, Any]) -> tuple[str | None, str | None, int | None] | None:
+    """``(text, replace_pending, k)`` of a message that ``StreamMessage`` would accept unchanged
+    (exact JSON types, known fields, ``k`` in range), else None."""
+    if type(data.get("seq")) is not int or not _MESSAGE_FIELDS.issuperset(data):
+        return None
+    text, replace, k = data.get("text"), data.get("replace_pending"), data.get("k")
+    if (text is not None and type(text) is not str) or (replace is not None and type(replace) is not str):
+        return None
+    if k is not None and (type(k) is not int or not 1 <= k <= MAX_K):
+        return None
+    return text, replace, k
 
 
 class _MessageError(SessionError):
