@@ -287,7 +287,7 @@ def test_lean_reply_equals_the_response_model(client: TestClient) -> None:
         assert predictions_body(result) == predictions_of(result).model_dump()
 
 
-@hypothesis_settings(max_examples=200, deadline=None)
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(message=st.dictionaries(
     st.sampled_from(["seq", "text", "replace_pending", "k", "extra"]),
     st.one_of(st.none(), st.booleans(), st.integers(-3, 200), st.floats(allow_nan=False), st.text(max_size=3),
