@@ -168,3 +168,27 @@ def test_cluster_store_bounds_buckets_counts_expiries_once_and_sums_the_gauge(tm
         asyncio.run(scenario(cluster.url))
     finally:
         cluster.stop()
+
+
+def test_cluster_store_warns_about_a_cluster_configured_otherwise(tmp_path: Path, caplog) -> None:
+    """A cluster that stops every shard when one is lost, or evicts nothing, is named in the log."""
+    import asyncio
+    import logging
+
+    cluster = RedisCluster(tmp_path / "cluster", primaries=3, replicas=0).start()
+    try:
+        for node in cluster.nodes:
+            node.client().config_set("maxmemory-policy", "noeviction")
+
+        async def start() -> None:
+            store = RedisClusterStore(cluster.url, 1000, timeout=1.0)
+            await store.start()
+            await store.close()
+
+        with caplog.at_level(logging.WARNING, logger="service.sessions.redis"):
+            asyncio.run(start())
+    finally:
+        cluster.stop()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("maxmemory-policy noeviction" in w and "volatile-ttl" in w for w in warnings), warnings
+    assert not any("cluster-require-full-coverage" in w for w in warnings), warnings

@@ -26,6 +26,7 @@ client follows the new topology and they continue.
 
 from __future__ import annotations
 
+import logging
 import zlib
 from typing import Any
 
@@ -33,7 +34,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 
-from service.sessions.redis_store import RedisStore
+from service.sessions.redis_store import STORE_ERRORS, RedisStore, _redact
+
+log = logging.getLogger("service.sessions.redis")
 
 BUCKETS = 1024
 SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"}
@@ -55,6 +58,23 @@ class RedisClusterStore(RedisStore):
 
     def buckets(self) -> list[str]:
         return self._tags
+
+    async def start(self) -> None:
+        await super().start()
+        await self._check_configuration()
+
+    async def _check_configuration(self) -> None:
+        """Say at start-up when the cluster is not configured as this store expects (one node's
+        view; where CONFIG is not allowed, as on some managed services, nothing is said)."""
+        expected = {"cluster-require-full-coverage": "no", "maxmemory-policy": "volatile-ttl"}
+        for name, want in expected.items():
+            try:
+                value = (await self.client.config_get(name)).get(name)
+            except STORE_ERRORS:
+                return
+            if value is not None and value != want:
+                log.warning("Redis Cluster %s has %s %s; the session store expects %s (docs/scaling.md)",
+                            _redact(self.url), name, value, want)
 
     def connect(self) -> Any:
         # Two retries 50 ms apart: a command that meets a dead or demoted node makes the client
