@@ -70,6 +70,8 @@ class ModelCard:
     vocab_file: str = VOCAB_FILE
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The fitted cache language model (service/engine/cache_lm.py); {} = none, serve unmixed.
+    cache: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     format: str = FORMAT

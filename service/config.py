@@ -11,6 +11,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Chosen by measured keystroke savings (README, "Sessions that learn the writer").
+SUGGESTION_ROTATION_DEFAULT = False
+
 
 class Settings(BaseSettings):
     """All knobs of the service. Defaults suit a laptop; containers override them by env."""
@@ -84,6 +87,26 @@ class Settings(BaseSettings):
     max_generation_words: int = Field(
         256, ge=1, description="Most words one completion may generate (max_words / OpenAI max_tokens); "
         "bounds how long one generation keeps stepping through the batcher."
+    )
+
+    # --- adaptation to the writer (service/engine/cache_lm.py) -----------------------------------
+    adaptation: bool = Field(
+        True, description="Mix each text's own recent words into its predictions with the model's fitted cache "
+        "(model.json \"cache\"; a model without one is served unmixed) and offer its new words. Requests and "
+        "sessions can still turn it off with learn=false."
+    )
+    cache_window_words: int = Field(
+        2000, ge=0, le=100_000, description="Most recent words of a text the cache reads, and so the most a session "
+        "stores for it (the model's fitted window if smaller; 0 turns the cache off). ~7 bytes a word in a "
+        "session record."
+    )
+    new_word_min_count: int = Field(
+        2, ge=0, description="Times a word outside the vocabulary must appear among those recent words before it "
+        "is offered as a suggestion (0 = never offer new words)."
+    )
+    suggestion_rotation: bool = Field(
+        SUGGESTION_ROTATION_DEFAULT, description="Default of a session's `rotate` option: words offered for the "
+        "word being typed and passed over are left out of its next keystrokes' suggestions."
     )
 
     # --- HTTP / logging -----------------------------------------------------------------------

@@ -25,6 +25,7 @@ from test_sessions import append, assert_same_predictions, counter, create, gaug
 from nextword.text import split_text
 from service import metrics
 from service.config import Settings
+from service.engine.cache_lm import AdaptedRow
 from service.main import create_app
 from service.sessions.row_cache import ENTRY_OVERHEAD_BYTES, RowCache, entry_bytes
 
@@ -197,10 +198,11 @@ def test_row_cache_bounds_bytes_and_checks_every_input() -> None:
         pass
 
     model, other = Model(), Model()
-    row = np.linspace(-5, -1, 50, dtype=np.float32)
+    row = AdaptedRow(np.linspace(-5, -1, 50, dtype=np.float32))
     state = {"h": np.ones((2, 4), np.float32)}
     size = entry_bytes(row, state)
     assert size == 50 * 4 + 2 * 4 * 4 + ENTRY_OVERHEAD_BYTES
+    assert entry_bytes(AdaptedRow(row.log_probs, ("zyx",), np.zeros(1)), state) == size + 3 + 64
     before = gauge(metrics.ROW_CACHE_BYTES)
     cache = RowCache(3 * size)
     for sid in ("a", "b", "c"):
@@ -215,8 +217,8 @@ def test_row_cache_bounds_bytes_and_checks_every_input() -> None:
     assert cache.get("a", model, (2, ()), state) is None  # another stamp
     assert cache.get("a", other, (1, ()), state) is None  # another model version object
     kept = cache.get("a", model, (1, ()), state)
-    assert kept is not None and not kept.flags.writeable and np.array_equal(kept, row)
-    cache.put("huge", model, (1, ()), None, np.zeros(10 * size, np.float32))  # larger than the bound
+    assert kept is not None and not kept.log_probs.flags.writeable and np.array_equal(kept.log_probs, row.log_probs)
+    cache.put("huge", model, (1, ()), None, AdaptedRow(np.zeros(10 * size, np.float32)))  # larger than the bound
     assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
     del model
     assert cache.get("a", Model(), (1, ()), state) is None  # the version object is gone
@@ -289,9 +291,9 @@ def test_lean_reply_equals_the_response_model(client: TestClient) -> None:
 
 @hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(message=st.dictionaries(
-    st.sampled_from(["seq", "text", "replace_pending", "k", "extra"]),
-    st.one_of(st.none(), st.booleans(), st.integers(-3, 200), st.floats(allow_nan=False, allow_subnormal=False), st.text(max_size=3),
-              st.lists(st.integers(), max_size=1)),
+    st.sampled_from(["seq", "text", "replace_pending", "k", "learn", "extra"]),
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 200), st.floats(allow_nan=False, allow_subnormal=False),
+              st.text(max_size=3), st.lists(st.integers(), max_size=1)),
 ))
 def test_hand_checked_messages_are_exactly_those_the_model_accepts(message: dict[str, Any]) -> None:
     """The hand check takes only messages StreamMessage accepts, with the same values; the rest
@@ -308,4 +310,4 @@ def test_hand_checked_messages_are_exactly_those_the_model_accepts(message: dict
         parsed = StreamMessage.model_validate(message)
     except ValidationError as exc:
         raise AssertionError(f"hand check accepted {message}: {exc}") from None
-    assert fields == (parsed.text, parsed.replace_pending, parsed.k)
+    assert fields == (parsed.text, parsed.replace_pending, parsed.k, parsed.learn)

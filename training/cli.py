@@ -149,19 +149,84 @@ def _corpus_split(args: argparse.Namespace, split: str) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_artifact
+    from training.evaluate import score_stream
+    from training.metrics import StreamMetrics
 
     splits = args.split
     report: dict[str, dict] = {}
+    scored: dict[str, object] = {}
     for split in splits:
         words = _corpus_split(args, split)
-        report[split] = {"model": evaluate_artifact(args.model, words, threads=args.threads)}
+        lp, ranks = score_stream(args.model, words, threads=args.threads)
+        scored[split] = lp
+        metrics = StreamMetrics()
+        metrics.add(lp, ranks)
+        report[split] = {"model": metrics.result()}
         if args.ngram_order:
             report[split][f"kn{args.ngram_order}"] = _ngram(args)[split]
     _print_report(report, args.ngram_order)
+    adapted = _eval_adapted(args, scored) if args.cache or args.ksr else {}
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(args.json).write_text(json.dumps({**report, **({"adapted": adapted} if adapted else {})}, indent=2))
     return 0
+
+
+def _eval_adapted(args: argparse.Namespace, scored: dict) -> dict:
+    """Perplexity with the model's fitted cache and keystroke savings, per split (see
+    training/cache_eval.py); with --update-card, stored in model.json's cache section."""
+    import numpy as np
+
+    from nextword import artifact as A
+    from service.engine.cache_lm import CacheParams
+    from training.cache_eval import KsrVariant, cache_perplexity, model_ksr, ngram_ksr
+    from training.data import build_vocab, load_corpus, split_documents
+    from training.evaluate import load_artifact
+
+    card, vocab = load_artifact(args.model)
+    params = CacheParams.from_card(card.cache)
+    out: dict = {}
+    for split in args.split:
+        docs = split_documents(args.corpus, args.corpus_format, split)
+        words = [w for d in docs for w in d]
+        ids = np.asarray(vocab.encode(words), dtype=np.int64)
+        row: dict = {}
+        if args.cache:
+            if params is None:
+                print(f"{args.model} has no fitted cache (run nextword-train fit-cache)", file=sys.stderr)
+            else:
+                lp = scored[split]
+                row["ppl"] = float(np.exp(-lp.astype(np.float64).mean()))
+                row["ppl_cache"] = cache_perplexity(ids, [len(d) for d in docs], lp, params)["ppl"]
+                row["ppl_reduction"] = 1.0 - row["ppl_cache"] / row["ppl"]
+                print(f"{split:<6} ppl {row['ppl']:.2f} -> {row['ppl_cache']:.2f} with the cache "
+                      f"({100 * row['ppl_reduction']:.1f}% lower; cache reset at each of {len(docs)} documents)")
+        if args.ksr:
+            variants = [KsrVariant("model", None), KsrVariant("model+rotation", None, rotate=True)]
+            if params is not None:
+                variants += [KsrVariant("model+cache", params), KsrVariant("model+cache+rotation", params, True)]
+            model_ksr(args.model, docs, variants, k=args.ksr_k, limit=args.ksr_words, threads=args.threads)
+            ksr = {v.name: v.count.result() for v in variants}
+            if args.ngram_order:
+                from training.ngram import KneserNey
+
+                if "kn" not in _NGRAM_CACHE:
+                    train = load_corpus(args.corpus, args.corpus_format).train
+                    kn_vocab = build_vocab(train)
+                    kn_model = KneserNey(args.ngram_order).fit(kn_vocab.encode(train), len(kn_vocab))
+                    _NGRAM_CACHE["kn"] = (kn_model, kn_vocab)
+                kn, kn_vocab = _NGRAM_CACHE["kn"]
+                ksr[f"kn{args.ngram_order}"] = ngram_ksr(kn, kn_vocab, docs, args.ksr_k, args.ksr_words).result()
+            for name, r in ksr.items():
+                print(f"{split:<6} KSR top-{args.ksr_k} {name:<22} {100 * r['ksr']:6.2f}%  "
+                      f"({r['keystrokes']} of {r['characters']} keystrokes, {r['words']} words)")
+            row["ksr"] = ksr
+            row["ksr_k"] = args.ksr_k
+        out[split] = row
+    if args.update_card and out and params is not None:
+        card = A.read_card(args.model)
+        card.cache["evaluation"] = {**card.cache.get("evaluation", {}), **out}
+        A.write_card(args.model, card)
+    return out
 
 
 _NGRAM_CACHE: dict = {}
@@ -228,6 +293,55 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_cache(args: argparse.Namespace) -> int:
+    """Fit the cache language model on a held-out split and store it in model.json."""
+    import numpy as np
+
+    from nextword import artifact as A
+    from training.cache_fit import CacheFitter
+    from training.data import split_documents
+    from training.evaluate import load_artifact, score_stream
+
+    card, vocab = load_artifact(args.model)
+    docs = split_documents(args.corpus, args.corpus_format, args.split)
+    words = [w for d in docs for w in d]
+    lp, _ = score_stream(args.model, words, threads=args.threads)
+    fitter = CacheFitter(np.asarray(vocab.encode(words)), [len(d) for d in docs], lp, max(args.windows))
+    params, table = fitter.fit(args.windows)
+    without = fitter.perplexity(None)
+    best = fitter.perplexity(params)
+    for row in table:
+        print(f"window {row['window']:>5}: {args.split} ppl {row['ppl']:.2f} (decay {row['decay']}, "
+              f"kappa {row['kappa']}, weights {', '.join(f'{w:.3f}' for w in row['weights'])})")
+    print(f"{args.split} ppl {without:.2f} -> {best:.2f} with the cache ({100 * (1 - best / without):.1f}% lower)")
+    card = A.read_card(args.model)
+    card.cache = {
+        **params.to_dict(),
+        "fitted": {"split": args.split, "corpus": card.training.get("protocol") or args.corpus_format,
+                   "documents": len(docs), "ppl_without": without, "ppl": best,
+                   "windows": [{"window": r["window"], "ppl": r["ppl"]} for r in table]},
+        "command": "nextword-train fit-cache " + " ".join(sys.argv[2:]) if args.record_command else None,
+    }
+    if card.cache["command"] is None:
+        del card.cache["command"]
+    A.write_card(args.model, card)
+    print(f"wrote the cache section of {Path(args.model) / 'model.json'}")
+    return 0
+
+
+def cmd_presage(args: argparse.Namespace) -> int:
+    from training.presage import presage_ksr
+
+    result = presage_ksr(args.corpus, args.work, args.split, args.words, args.suggestions)
+    for mode in ("static", "learning"):
+        r = result[mode]
+        print(f"presage {mode:<8} KSR top-{args.suggestions} {100 * r['ksr']:6.2f}%  ({result['words']} words of "
+              f"{args.split}, kn={r.get('kn')})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_ngram(args: argparse.Namespace) -> int:
     from training.ngram import run_ngram
 
@@ -282,7 +396,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngram-order", type=int, default=5, help="also evaluate a Kneser-Ney baseline (0 = skip)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--json", help="also write the report to this JSON file")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="also report perplexity with the model's fitted cache (documents in order, the cache "
+                   "reset at each)")
+    p.add_argument("--ksr", action="store_true", help="also simulate typing: keystroke savings with and without "
+                   "the cache and suggestion rotation, and the n-gram baseline's")
+    p.add_argument("--ksr-k", type=int, default=3, help="suggestions offered per keystroke")
+    p.add_argument("--ksr-words", type=int, default=None, help="simulate only the first N typed words")
+    p.add_argument("--update-card", action="store_true", help="store the cache/KSR figures under the cache "
+                   "section of model.json")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "fit-cache",
+        help="fit the session cache language model and store it in model.json",
+        description="Scores a held-out split with the model (onnxruntime), then fits the cache's window, "
+        "decay, context smoothing and mixture weights for the lowest perplexity (documents read in order, "
+        "the cache reset at each) and writes them to the cache section of model.json. Re-run it after "
+        "replacing a model; a model without the section is served without a cache.",
+    )
+    p.add_argument("--model", required=True, help="model version directory, e.g. models/brown-lstm/1")
+    _add_corpus(p)
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="split to fit on")
+    p.add_argument("--windows", type=int, nargs="+", default=[250, 500, 1000, 2000],
+                   help="candidate windows (words); the best is kept, each one's perplexity is recorded")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True,
+                   help="store this command line in the card")
+    p.set_defaults(func=cmd_fit_cache)
 
     p = sub.add_parser(
         "export",
@@ -313,6 +454,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     _add_corpus(p, default=None, default_help="the corpus and format the run was trained on")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "presage",
+        help="keystroke savings of Debian's presage on the words eval --ksr types",
+        description="Builds presage's n-gram database from the Brown-LM training split (text2ngram -n 1..3) and "
+        "runs presage_simulator with 3 suggestions on the split's first N alphabetic words, with online learning "
+        "off and on. Compare with: nextword-train eval --ksr --ksr-words N.",
+    )
+    p.add_argument("--corpus", default=DEFAULT_BROWN, help=f"the Brown directory (default: {DEFAULT_BROWN})")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--words", type=int, default=1889, help="typed words (default: all of the first test file)")
+    p.add_argument("--suggestions", type=int, default=3)
+    p.add_argument("--work", default="runs/presage", help="where the database and configurations go")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.set_defaults(func=cmd_presage)
 
     p = sub.add_parser("ngram", help="the interpolated modified Kneser-Ney baseline")
     _add_corpus(p)
@@ -355,9 +511,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     Imported late so ``--help`` does not load torch."""
     from nextword.artifact import ArtifactError
     from training.export import ExportError
+    from training.presage import PresageError
     from training.train import CheckpointError
 
-    return CorpusError, CheckpointError, ArtifactError, ExportError
+    return CorpusError, CheckpointError, ArtifactError, ExportError, PresageError
 
 
 def main(argv: list[str] | None = None) -> int:

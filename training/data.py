@@ -69,13 +69,17 @@ def stream(sentences: Iterable[list[str]]) -> list[str]:
     return out
 
 
+def brown_split_of(index: int) -> str:
+    """The Brown-LM split of the file at ``index`` in name order: i % 10 == 8 valid, == 9 test."""
+    return "valid" if index % 10 == 8 else "test" if index % 10 == 9 else "train"
+
+
 def brown_lm(root: str | Path) -> Splits:
     """The Brown-LM protocol: file index i % 10 == 8 is valid, == 9 is test, the rest train."""
     files = brown_files(root)
     parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
     for i, path in enumerate(files):
-        split = "valid" if i % 10 == 8 else "test" if i % 10 == 9 else "train"
-        parts[split].extend(stream(brown_sentences(path)))
+        parts[brown_split_of(i)].extend(stream(brown_sentences(path)))
     if not parts["train"]:
         raise CorpusError(f"Brown corpus at {root} has no sentences")
     return Splits(**parts, name="brown", protocol="brown-lm/1")
@@ -198,6 +202,15 @@ def load_corpus(path: str | Path, fmt: str) -> Splits:
             return directory_splits(root, fmt)
         return text_corpus(root)
     raise CorpusError(f"unknown corpus format {fmt!r}; use auto, brown, ptb or text")
+
+
+def split_documents(path: str | Path, fmt: str, split: str) -> list[list[str]]:
+    """A split as its documents, in reading order (concatenated, they are the split's stream):
+    one per Brown file for ``brown``, the whole split as one document otherwise. A session-like
+    cache starts afresh at each document."""
+    if fmt == "brown":
+        return [stream(brown_sentences(p)) for i, p in enumerate(brown_files(path)) if brown_split_of(i) == split]
+    return [getattr(load_corpus(path, fmt), split)]
 
 
 def build_vocab(train: list[str], min_count: int = 3, max_size: int | None = None) -> Vocab:

@@ -21,30 +21,48 @@ def load_artifact(model_dir: str | Path) -> tuple[A.ModelCard, Vocab]:
     return card, Vocab.load(model_dir / card.vocab_file)
 
 
+def _session(model_dir: Path, graph: str, threads: int | None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model_dir / graph), opts, providers=["CPUExecutionProvider"])
+
+
+def score_stream(
+    model_dir: str | Path, words: list[str], window: int = 256, threads: int | None = None, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probability and rank of every token after the first of ``words`` read as one stream
+    (batch 1, state carried): arrays of ``len(words) - 1``, position i scoring ``words[i + 1]``."""
+    model_dir = Path(model_dir)
+    card, vocab = load_artifact(model_dir)
+    sess = _session(model_dir, card.graphs["score"], threads)
+    ids = np.asarray(vocab.encode(words), dtype=np.int64)
+    state = {A.state_input(s): np.zeros((card.num_layers, 1, card.hidden_size), np.float32) for s in card.state_names}
+    outputs = [A.TARGET_LOG_PROBS, A.TARGET_RANKS] + [A.state_output(s) for s in card.state_names]
+    lps, ranks = [], []
+    for start in tqdm(range(0, len(ids) - 1, window), desc="eval", disable=not progress, leave=False):
+        x = ids[start : start + window]
+        y = ids[start + 1 : start + 1 + window]
+        x = x[: len(y)]
+        lp, rank, *new = sess.run(
+            outputs, {A.TOKENS: x[None], A.LENGTHS: np.array([len(x)]), A.TARGETS: y[None], **state}
+        )
+        lps.append(lp[0])
+        ranks.append(rank[0])
+        state = {A.state_input(s): v for s, v in zip(card.state_names, new, strict=True)}
+    if not lps:
+        return np.empty(0, np.float32), np.empty(0, np.int64)
+    return np.concatenate(lps), np.concatenate(ranks)
+
+
 def evaluate_artifact(
     model_dir: str | Path, words: list[str], window: int = 256, threads: int | None = None, progress: bool = True
 ) -> dict[str, float]:
     """Perplexity and top-k accuracy of ``words`` read as one stream (batch 1, state carried),
     scoring every token after the first."""
-    model_dir = Path(model_dir)
-    card, vocab = load_artifact(model_dir)
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model_dir / card.graphs["score"]), opts, providers=["CPUExecutionProvider"])
-    ids = np.asarray(vocab.encode(words), dtype=np.int64)
-    state = {A.state_input(s): np.zeros((card.num_layers, 1, card.hidden_size), np.float32) for s in card.state_names}
-    outputs = [A.TARGET_LOG_PROBS, A.TARGET_RANKS] + [A.state_output(s) for s in card.state_names]
+    lp, ranks = score_stream(model_dir, words, window, threads, progress)
     metrics = StreamMetrics()
-    for start in tqdm(range(0, len(ids) - 1, window), desc="eval", disable=not progress, leave=False):
-        x = ids[start : start + window]
-        y = ids[start + 1 : start + 1 + window]
-        x = x[: len(y)]
-        lp, ranks, *new = sess.run(
-            outputs, {A.TOKENS: x[None], A.LENGTHS: np.array([len(x)]), A.TARGETS: y[None], **state}
-        )
-        metrics.add(lp[0], ranks[0])
-        state = {A.state_input(s): v for s, v in zip(card.state_names, new, strict=True)}
+    metrics.add(lp, ranks)
     return metrics.result()
 
 

@@ -28,7 +28,8 @@ import numpy as np
 
 from nextword.text import split_text, tokenize
 from service.config import Settings
-from service.engine.batcher import PREDICT, SCORE, WorkItem, WorkResult
+from service.engine.batcher import PREDICT, SCORE, WorkItem
+from service.engine.cache_lm import AdaptedRow, Selection, adapt, select_words
 from service.engine.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -37,7 +38,6 @@ from service.engine.errors import (
 )
 from service.engine.repository import LoadedVersion, ModelRepository
 from service.engine.swap import on_current_version
-from service.engine.vocab_index import TopK
 
 T = TypeVar("T")
 
@@ -86,6 +86,7 @@ class PredictQuery:
     k: int = 5
     model: str | None = None
     version: int | None = None
+    learn: bool = True  # False: no adaptation to the text (its cache and new words are ignored)
 
 
 def encode_context(version: LoadedVersion, words: Sequence[str], budget: int) -> tuple[np.ndarray, int, bool]:
@@ -100,15 +101,35 @@ def encode_context(version: LoadedVersion, words: Sequence[str], budget: int) ->
     return ids, len(kept), truncated
 
 
-def select(version: LoadedVersion, log_probs: np.ndarray, k: int, prefix: str = "") -> tuple[list[Candidate], TopK]:
-    """Top-k words from one log-prob row, completing ``prefix`` when given (see VocabIndex.top_k)."""
-    top = version.index.top_k(log_probs, k, prefix)
-    words = version.index.decode(top.ids)
+def adapt_row(
+    version: LoadedVersion, settings: Settings, log_probs: np.ndarray, words: Sequence[str],
+    ids: Sequence[int] | np.ndarray, learn: bool = True,
+) -> AdaptedRow:
+    """The next-word distribution after ``words`` (the context the model read, ids ``ids``): the
+    model's row with the version's fitted cache over those words mixed in and the text's new words
+    (``service/engine/cache_lm.py``), or the row as it is when the version has no cache, adaptation
+    is off (``NEXTWORD_ADAPTATION``) or the request says ``learn: false``."""
+    params = version.cache if learn and settings.adaptation and settings.cache_window_words > 0 else None
+    if params is None:
+        return AdaptedRow(log_probs)
+    return adapt(log_probs, words, ids, params.limited(settings.cache_window_words), version.vocab.unk_id,
+                 settings.new_word_min_count)
+
+
+def select(
+    version: LoadedVersion, row: np.ndarray | AdaptedRow, k: int, prefix: str = "",
+    exclude: frozenset[str] = frozenset(),
+) -> tuple[list[Candidate], Selection]:
+    """Top-k words from one next-word distribution (a model row or an adapted one), completing
+    ``prefix`` when given and skipping ``exclude`` (see ``cache_lm.select_words``). New words have
+    id -1."""
+    adapted = row if isinstance(row, AdaptedRow) else AdaptedRow(row)
+    chosen = select_words(version.index, adapted, k, prefix, exclude)
     candidates = [
-        Candidate(word=w, id=int(i), log_prob=float(lp), probability=float(math.exp(lp)))
-        for w, i, lp in zip(words, top.ids, top.log_probs, strict=True)
+        Candidate(word=w, id=i, log_prob=lp, probability=math.exp(lp))
+        for w, i, lp in zip(chosen.words, chosen.ids, chosen.log_probs, strict=True)
     ]
-    return candidates, top
+    return candidates, chosen
 
 
 class Predictor:
@@ -135,8 +156,10 @@ class Predictor:
 
     # --- prediction ---------------------------------------------------------------------------
 
-    async def predict(self, text: str, k: int = 5, model: str | None = None, version: int | None = None) -> Prediction:
-        return (await self.predict_many([PredictQuery(text, k, model, version)], item_field=None))[0]
+    async def predict(
+        self, text: str, k: int = 5, model: str | None = None, version: int | None = None, learn: bool = True
+    ) -> Prediction:
+        return (await self.predict_many([PredictQuery(text, k, model, version, learn)], item_field=None))[0]
 
     async def predict_many(self, queries: Sequence[PredictQuery], item_field: str | None = "items") -> list[Prediction]:
         """Predict for many texts; items for one version are submitted together (all or none
@@ -155,10 +178,16 @@ class Predictor:
                 for i in indices:
                     split = split_text(queries[i].text)
                     ids, kept, truncated = encode_context(version, split.context, self.settings.context_words)
-                    prepared.append((i, split.prefix, kept, truncated, WorkItem(ids, PREDICT)))
-                outputs = await version.batcher.run_many([p[4] for p in prepared])
-                for (i, prefix, kept, truncated, _), out in zip(prepared, outputs, strict=True):
-                    results[i] = self._prediction(version, out, queries[i].k, prefix, kept, truncated)
+                    # The cache reads the text's last words even past the model's context budget
+                    # (it is cheap), as a session remembers them.
+                    words = split.context[-(self.settings.cache_window_words + 2) :]
+                    prepared.append((i, split.prefix, kept, truncated, words, WorkItem(ids, PREDICT)))
+                outputs = await version.batcher.run_many([p[-1] for p in prepared])
+                for (i, prefix, kept, truncated, words, _), out in zip(prepared, outputs, strict=True):
+                    assert out.log_probs is not None
+                    row = adapt_row(version, self.settings, out.log_probs, words, version.vocab.encode(words),
+                                    queries[i].learn)
+                    results[i] = self._prediction(version, row, queries[i].k, prefix, kept, truncated)
 
             await self.with_version(key[0], key[1], on)
 
@@ -174,10 +203,9 @@ class Predictor:
 
     @staticmethod
     def _prediction(
-        version: LoadedVersion, out: WorkResult, k: int, prefix: str, kept: int, truncated: bool
+        version: LoadedVersion, row: AdaptedRow, k: int, prefix: str, kept: int, truncated: bool
     ) -> Prediction:
-        assert out.log_probs is not None
-        candidates, top = select(version, out.log_probs, k, prefix)
+        candidates, top = select(version, row, k, prefix)
         return Prediction(
             model=version.name, version=version.version, candidates=candidates, prefix=prefix,
             context_words=kept, truncated=truncated, prefix_probability=top.mass, matches=top.matches,

@@ -34,6 +34,7 @@ from nextword.vocab import Vocab
 from service import metrics
 from service.config import Settings
 from service.engine.batcher import Batcher
+from service.engine.cache_lm import CacheParams
 from service.engine.errors import (
     ModelLoadError,
     ModelNotFoundError,
@@ -79,6 +80,7 @@ class LoadedVersion:
     runtime: ModelRuntime
     batcher: Batcher
     fingerprint: Fingerprint
+    cache: CacheParams | None = None  # the fitted cache language model (model.json "cache"), if any
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -297,6 +299,10 @@ class ModelRepository:
         specials = card.special_tokens
         if specials.get("unk") != UNK or specials.get("eos") != EOS:
             raise ModelLoadError(f"unsupported special tokens {specials}")
+        try:
+            cache = CacheParams.from_card(card.cache)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"model.json cache section: {exc}") from exc
         runtime = ModelRuntime.load(
             path, card, self.device, self.settings.intra_op_threads, self.settings.intra_op_spinning,
             workers=self.settings.inference_workers,
@@ -313,7 +319,7 @@ class ModelRepository:
         ).start()
         return LoadedVersion(
             name=name, version=version, path=path, card=card, vocab=vocab, index=VocabIndex(vocab),
-            runtime=runtime, batcher=batcher, fingerprint=fp if fp is not None else fingerprint(path),
+            runtime=runtime, batcher=batcher, fingerprint=fp if fp is not None else fingerprint(path), cache=cache,
         )
 
     def _publish_info(self) -> None:

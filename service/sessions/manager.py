@@ -50,8 +50,9 @@ from service import metrics
 from service.config import Settings
 from service.engine import Engine
 from service.engine.batcher import STEP, WorkItem, WorkResult
+from service.engine.cache_lm import AdaptedRow
 from service.engine.errors import VersionNotFoundError
-from service.engine.predictor import Candidate, select
+from service.engine.predictor import Candidate, adapt_row, select
 from service.engine.repository import LoadedVersion
 from service.engine.swap import on_current_version
 from service.sessions.errors import (
@@ -179,10 +180,12 @@ class SessionManager:
 
     async def create(
         self, model: str | None = None, version: int | None = None, text: str = "", k: int = 5,
-        ttl_seconds: float | None = None, session_id: str | None = None,
+        ttl_seconds: float | None = None, session_id: str | None = None, learn: bool = True,
+        rotate: bool | None = None,
     ) -> SessionResult:
         """A new session (a random id unless ``session_id`` is given; an existing session with
-        that id must be deleted first)."""
+        that id must be deleted first). ``learn=False``: no adaptation for the session's whole
+        life; ``rotate``: suggestion rotation (default ``NEXTWORD_SUGGESTION_ROTATION``)."""
         self.engine.predictor.check_text(text)
         ttl = self.ttl(ttl_seconds)
         lv = self.engine.repository.resolve(model, version)
@@ -190,7 +193,8 @@ class SessionManager:
         sid = check_session_id(session_id) if session_id is not None else new_session_id()
         record = SessionRecord(
             id=sid, model=lv.name, version=lv.version, created=now, last_used=now, ttl=ttl, k=k,
-            state=None, last_id=lv.eos_id,
+            state=None, last_id=lv.eos_id, learn=learn,
+            rotate=self.settings.suggestion_rotation if rotate is None else rotate,
         )
         result = await self._advance(record, text, k)
         result.rebuilt = False  # nothing to rebuild from; a version swap during creation just moved it
@@ -200,10 +204,11 @@ class SessionManager:
 
     async def update(
         self, session_id: str, text: str | None = None, replace_pending: str | None = None, k: int | None = None,
-        transport: str = "http",
+        transport: str = "http", learn: bool = True,
     ) -> SessionResult:
         """Append ``text`` to the session (after replacing its pending fragment with
-        ``replace_pending`` when given) and predict the next word."""
+        ``replace_pending`` when given) and predict the next word. ``learn=False``: this update is
+        not adapted to and its words are not learned from."""
         check_session_id(session_id)
         if text is None and replace_pending is None:
             raise InvalidSessionInputError("send text (a delta to append) and/or replace_pending", "text")
@@ -214,7 +219,7 @@ class SessionManager:
             async with self.store.lock(session_id) as lock:
                 record = await self.store.load(session_id)
                 base = record.pending if replace_pending is None else replace_pending
-                result = await self._advance(record, base + (text or ""), k or record.k)
+                result = await self._advance(record, base + (text or ""), k or record.k, learn)
                 record.last_used = time.time()
                 await self.store.save(record, lock)
                 return result
@@ -242,25 +247,31 @@ class SessionManager:
             return repository.resolve(record.model), True
         return lv, not _fits(lv, record)
 
-    def adjust_row(self, lv: LoadedVersion, record: SessionRecord, log_probs: np.ndarray) -> np.ndarray:
+    def adjust_row(self, lv: LoadedVersion, record: SessionRecord, log_probs: np.ndarray, tail: list[str],
+                   learn: bool) -> AdaptedRow:
         """The session's final next-word distribution from the model's row, before prefix
-        selection: the hook for per-session adjustments (none yet). What it returns is what the
-        keystroke cache keeps; whatever it reads from ``record`` must be in :meth:`stamp`."""
-        return log_probs
+        selection: the cache language model over the words learned so far and the pending chunk's
+        complete words, and the session's new words (``service/engine/cache_lm.py``; the same
+        context words as stateless prediction reads). What it returns is what the keystroke cache
+        keeps; whatever it reads from ``record`` must be in :meth:`stamp` (``learned`` follows
+        from the committed words)."""
+        context = record.learned + tail if learn else []
+        return adapt_row(lv, self.settings, log_probs, context, lv.vocab.encode(context), learn)
 
-    def stamp(self, record: SessionRecord, tail: list[str]) -> Hashable:
+    def stamp(self, record: SessionRecord, tail: list[str], learn: bool) -> Hashable:
         """Everything besides the model version and the state arrays that the final row depends
         on: a cached row is reused only while this is unchanged."""
-        return record.last_id, tuple(tail), record.committed, record.context
+        return record.last_id, tuple(tail), record.committed, record.context, learn
 
-    async def _advance(self, record: SessionRecord, raw: str, k: int) -> SessionResult:
+    async def _advance(self, record: SessionRecord, raw: str, k: int, learn: bool = True) -> SessionResult:
         split = split_text(raw)
+        learn = learn and record.learn
         if len(split.pending) > self.settings.max_text_chars:
             raise PendingTooLongError(len(split.pending), self.settings.max_text_chars)
         if not split.committed and self.rows.enabled:
             lv, rebuilt = self._version_for(record)
             if not rebuilt:
-                row = self.rows.get(record.id, lv, self.stamp(record, split.tail), record.state)
+                row = self.rows.get(record.id, lv, self.stamp(record, split.tail, learn), record.state)
                 if row is not None:
                     record.pending = split.pending
                     return self._result(lv, record, row, k, split, rebuilt=False)
@@ -299,19 +310,34 @@ class SessionManager:
         record.committed += len(split.committed)
         keep = self.settings.session_rebuild_words
         record.recent_words = (record.recent_words + split.committed)[-keep:]
+        if learn and self.settings.adaptation and self.settings.cache_window_words > 0:
+            record.learned = (record.learned + split.committed)[-(self.settings.cache_window_words + 2) :]
         record.pending = split.pending
-        row = self.adjust_row(lv, record, outputs[-1].log_probs)
-        self.rows.put(record.id, lv, self.stamp(record, split.tail), record.state, row)
+        row = self.adjust_row(lv, record, outputs[-1].log_probs, split.tail, learn)
+        self.rows.put(record.id, lv, self.stamp(record, split.tail, learn), record.state, row)
         return self._result(lv, record, row, k, split, rebuilt)
 
-    @staticmethod
-    def _result(lv: LoadedVersion, record: SessionRecord, row: np.ndarray, k: int, split: SplitText,
+    def _result(self, lv: LoadedVersion, record: SessionRecord, row: AdaptedRow, k: int, split: SplitText,
                 rebuilt: bool) -> SessionResult:
-        candidates, top = select(lv, row, k, split.prefix)
+        exclude = self._passed_over(record, split)
+        candidates, top = select(lv, row, k, split.prefix, exclude)
+        if record.rotate:
+            record.passed = [*sorted(exclude), *(c.word for c in candidates)]
+            record.passed_for = split.pending
         return SessionResult(
             record=record, candidates=candidates, prefix=split.prefix, prefix_probability=top.mass,
             matches=top.matches, context_words=record.context + len(split.tail), rebuilt=rebuilt,
         )
+
+    @staticmethod
+    def _passed_over(record: SessionRecord, split: SplitText) -> frozenset[str]:
+        """Suggestion rotation: the words already offered for the word being typed, when this
+        update only extends it (no word committed, the pending text grows), else none."""
+        if not record.rotate or split.committed or record.passed_for is None:
+            return frozenset()
+        if len(split.pending) <= len(record.passed_for) or not split.pending.startswith(record.passed_for):
+            return frozenset()
+        return frozenset(record.passed)
 
 
 class _Submitted(NamedTuple):

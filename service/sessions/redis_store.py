@@ -293,7 +293,8 @@ class RedisStore:
             "f": FORMAT, "model": record.model, "version": record.version, "created": record.created,
             "last_used": record.last_used, "ttl": record.ttl, "k": record.k, "pending": record.pending,
             "committed": record.committed, "context": record.context, "recent": record.recent_words,
-            "state_names": names, "state_shape": shape,
+            "state_names": names, "state_shape": shape, "learn": record.learn, "rotate": record.rotate,
+            "learned": record.learned, "passed": record.passed, "passed_for": record.passed_for,
         }
         state = b"" if not record.state else b"".join(
             np.ascontiguousarray(record.state[n], dtype="<f4").tobytes() for n in names
@@ -319,7 +320,9 @@ class RedisStore:
             last_used=float(meta["last_used"]), ttl=float(meta["ttl"]), k=int(meta.get("k", 5)),
             pending=meta.get("pending", ""), committed=int(meta.get("committed", 0)),
             context=int(meta.get("context", 0)), recent_words=list(meta.get("recent", [])), state=state,
-            last_id=int(fields.get(b"last_id", b"0")),
+            last_id=int(fields.get(b"last_id", b"0")), learn=bool(meta.get("learn", True)),
+            rotate=bool(meta.get("rotate", False)), learned=list(meta.get("learned", [])),
+            passed=list(meta.get("passed", [])), passed_for=meta.get("passed_for"),
         )
 
     # --- the store interface --------------------------------------------------------------------

@@ -16,8 +16,8 @@ The cache is an optimisation, never a source of truth:
   stored state: another replica served the last update, the entry was evicted, the process
   restarted, the model changed.
 * It holds at most ``max_bytes`` (``NEXTWORD_SESSION_ROW_CACHE_BYTES``), least recently used out
-  first. An entry costs its row (``4 × vocabulary size`` bytes), its state arrays and
-  :data:`ENTRY_OVERHEAD_BYTES` of bookkeeping.
+  first. An entry costs its row (``4 × vocabulary size`` bytes), the session's new words offered
+  beside it, its state arrays and :data:`ENTRY_OVERHEAD_BYTES` of bookkeeping.
 
 Event-loop only (no locks): the manager calls it between awaits.
 """
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from service import metrics
+from service.engine.cache_lm import AdaptedRow
 
 # The Python objects around the arrays (entry, dict slot, weakref, stamp tuple, array header):
 # ~0.3 KB per entry measured with tracemalloc over 1,000 brown-lstm entries; counted as 1 KB so
@@ -47,13 +48,15 @@ class _Entry:
     model: weakref.ref[Any]
     stamp: Hashable
     state: dict[str, np.ndarray] | None
-    row: np.ndarray
+    row: AdaptedRow
     nbytes: int
 
 
-def entry_bytes(row: np.ndarray, state: dict[str, np.ndarray] | None) -> int:
-    """What one cached session costs (the figure the byte bound counts)."""
-    return row.nbytes + sum(a.nbytes for a in (state or {}).values()) + ENTRY_OVERHEAD_BYTES
+def entry_bytes(row: AdaptedRow, state: dict[str, np.ndarray] | None) -> int:
+    """What one cached session costs (the figure the byte bound counts); a new word is counted
+    as its UTF-8 bytes plus 64 for the string object and its log-probability."""
+    words = sum(len(w.encode()) + 64 for w in row.new_words)
+    return row.log_probs.nbytes + words + sum(a.nbytes for a in (state or {}).values()) + ENTRY_OVERHEAD_BYTES
 
 
 def _same_state(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray] | None) -> bool:
@@ -86,7 +89,7 @@ class RowCache:
         return len(self._entries)
 
     def get(self, session_id: str, model: object, stamp: Hashable,
-            state: dict[str, np.ndarray] | None) -> np.ndarray | None:
+            state: dict[str, np.ndarray] | None) -> AdaptedRow | None:
         """The row cached for this session if it was computed from exactly these inputs."""
         entry = self._entries.get(session_id)
         if (entry is not None and entry.model() is model and entry.stamp == stamp
@@ -98,12 +101,13 @@ class RowCache:
         return None
 
     def put(self, session_id: str, model: object, stamp: Hashable, state: dict[str, np.ndarray] | None,
-            row: np.ndarray) -> None:
+            row: AdaptedRow) -> None:
         """Remember ``row`` (copied: batch rows are views into a whole batch's output)."""
         if not self.enabled:
             return
-        own = np.array(row, dtype=np.float32, copy=True)
-        own.flags.writeable = False
+        values = np.array(row.log_probs, dtype=np.float32, copy=True)
+        values.flags.writeable = False
+        own = AdaptedRow(values, row.new_words, np.array(row.new_log_probs, copy=True))
         nbytes = entry_bytes(own, state)
         self.drop(session_id)
         if nbytes > self.max_bytes:

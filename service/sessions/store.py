@@ -13,6 +13,10 @@ A session holds everything needed to continue the text without re-reading it:
   ``context`` how many of them the state has read (fewer after a rebuild), and ``recent_words``
   the last ``NEXTWORD_SESSION_REBUILD_WORDS`` committed words, enough to rebuild the state on
   another model version.
+* ``learn`` (adaptation on), ``learned`` (the last ``NEXTWORD_CACHE_WINDOW_WORDS`` + 2 committed
+  words learned from: what the cache language model and new words read), and for suggestion
+  rotation (``rotate``) the words already offered while typing the current word (``passed``) and
+  the pending text they were offered for (``passed_for``).
 
 Stores keep records (memory: the objects; Redis: a hash of compact JSON metadata plus the state as
 raw float32 bytes), enforce the TTL, bound their size, remember recently gone ids (so a client is
@@ -61,6 +65,11 @@ class SessionRecord:
     recent_words: list[str] = field(default_factory=list)
     state: dict[str, np.ndarray] | None = None
     last_id: int = 0
+    learn: bool = True
+    rotate: bool = False
+    learned: list[str] = field(default_factory=list)
+    passed: list[str] = field(default_factory=list)
+    passed_for: str | None = None
 
     @property
     def expires_at(self) -> float:
@@ -74,6 +83,8 @@ class SessionRecord:
         new.__dict__.update(self.__dict__)
         new.recent_words = list(self.recent_words)
         new.state = dict(self.state) if self.state is not None else None
+        new.learned = list(self.learned)
+        new.passed = list(self.passed)
         return new
 
 

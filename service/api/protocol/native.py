@@ -47,6 +47,13 @@ class ErrorResponse(BaseModel):
 # --- prediction -----------------------------------------------------------------------------------
 
 
+LEARN_DESCRIPTION = (
+    "Adapt to the writer: the text's own recent words weigh more (the model's fitted cache language model) and "
+    "words outside the vocabulary typed at least NEXTWORD_NEW_WORD_MIN_COUNT times are offered, spelled as typed. "
+    "false: predictions as for a stranger, and nothing is learned (incognito)."
+)
+
+
 class PredictRequest(_Strict):
     text: str = Field(
         description="Text typed so far. Ending inside a word makes that fragment a prefix to complete; "
@@ -56,6 +63,7 @@ class PredictRequest(_Strict):
     k: int = Field(5, ge=1, le=MAX_K, description="How many words to return.")
     model: str | None = _model_field()
     version: int | None = _version_field()
+    learn: bool = Field(True, description=LEARN_DESCRIPTION)
 
 
 class WordProbability(BaseModel):

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from service.api.protocol.native import MAX_K, WordProbability, _model_field, _Strict, _version_field
+from service.api.protocol.native import (
+    LEARN_DESCRIPTION,
+    MAX_K,
+    WordProbability,
+    _model_field,
+    _Strict,
+    _version_field,
+)
+
+ROTATE_DESCRIPTION = (
+    "Suggestion rotation: while a word is being typed, words already offered for it and passed over are left out "
+    "of the next keystrokes' suggestions, so each keystroke shows new candidates (a word passed over does not come "
+    "back until the word is finished or deleted). Default NEXTWORD_SUGGESTION_ROTATION. With rotation on, "
+    "suggestions depend on the keystrokes and not only on the text."
+)
 
 
 class SessionCreateRequest(_Strict):
@@ -17,6 +31,8 @@ class SessionCreateRequest(_Strict):
         None, ge=1, description="Idle time after which the session expires, at most "
         "NEXTWORD_SESSION_MAX_TTL_SECONDS (default NEXTWORD_SESSION_TTL_SECONDS). Every update restarts it."
     )
+    learn: bool = Field(True, description=LEARN_DESCRIPTION + " For the session's whole life.")
+    rotate: bool | None = Field(None, description=ROTATE_DESCRIPTION)
 
 
 class SessionUpdateRequest(_Strict):
@@ -30,6 +46,8 @@ class SessionUpdateRequest(_Strict):
         "(followed by whitespace) are final and cannot be edited: recreate the session for that.",
     )
     k: int | None = Field(None, ge=1, le=MAX_K, description="Predictions to return (default: the session's k).")
+    learn: bool = Field(True, description="false: this update's text is neither adapted to nor learned from "
+                        "(incognito); the session's earlier words still count.")
 
 
 class SessionInfo(BaseModel):
@@ -43,6 +61,8 @@ class SessionInfo(BaseModel):
                                "after a rebuild on another version).")
     pending: str = Field(description="Uncommitted text since the last whitespace (the word being typed).")
     k: int
+    learn: bool = Field(description="Whether the session adapts to its text (see SessionCreateRequest.learn).")
+    rotate: bool = Field(description="Whether suggestion rotation is on (see SessionCreateRequest.rotate).")
     ttl_seconds: float
     created: float = Field(description="Unix time.")
     last_used: float = Field(description="Unix time of the last update.")
@@ -75,6 +95,7 @@ class StreamMessage(_Strict):
     text: str | None = None
     replace_pending: str | None = None
     k: int | None = Field(None, ge=1, le=MAX_K)
+    learn: bool = True
 
 
 class StreamOpenQuery(_Strict):
@@ -85,3 +106,5 @@ class StreamOpenQuery(_Strict):
     text: str = ""
     k: int = Field(5, ge=1, le=MAX_K)
     ttl_seconds: int | None = Field(None, ge=1)
+    learn: bool = True
+    rotate: bool | None = None

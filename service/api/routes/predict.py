@@ -51,14 +51,14 @@ def to_response(p: Prediction) -> PredictResponse:
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
 async def predict(body: PredictRequest, predictor: PredictorDep) -> Response:
     """The k most likely next words (or completions of the word being typed)."""
-    return serialized(to_response(await predictor.predict(body.text, body.k, body.model, body.version)))
+    return serialized(to_response(await predictor.predict(body.text, body.k, body.model, body.version, body.learn)))
 
 
 @router.post("/predict/batch", response_model=BatchPredictResponse, responses=_ERRORS)
 async def predict_batch(body: BatchPredictRequest, predictor: PredictorDep, settings: SettingsDep) -> Response:
     """Many predictions in one call; items for the same model version share onnxruntime batches."""
     check_batch_items(len(body.items), settings, "items", "items")
-    queries = [PredictQuery(i.text, i.k, i.model, i.version) for i in body.items]
+    queries = [PredictQuery(i.text, i.k, i.model, i.version, i.learn) for i in body.items]
     return serialized(BatchPredictResponse(results=[to_response(p) for p in await predictor.predict_many(queries)]))
 
 

@@ -68,8 +68,8 @@ TRY_AGAIN_LATER_CLOSE = 1013
 def info_of(record: SessionRecord) -> SessionInfo:
     return SessionInfo(
         session_id=record.id, model=record.model, version=record.version, committed_words=record.committed,
-        context_words=record.context, pending=record.pending, k=record.k, ttl_seconds=record.ttl,
-        created=record.created, last_used=record.last_used, expires_at=record.expires_at,
+        context_words=record.context, pending=record.pending, k=record.k, learn=record.learn, rotate=record.rotate,
+        ttl_seconds=record.ttl, created=record.created, last_used=record.last_used, expires_at=record.expires_at,
     )
 
 
@@ -111,7 +111,8 @@ def _json(value: Any) -> str:
 @router.post("", status_code=201, response_model=SessionPredictions, responses=_ERRORS)
 async def create_session(body: SessionCreateRequest, sessions: SessionsDep) -> SessionPredictions:
     """Open a session (optionally with initial text) and predict the next word."""
-    result = await sessions.create(body.model, body.version, body.text, body.k, body.ttl_seconds)
+    result = await sessions.create(body.model, body.version, body.text, body.k, body.ttl_seconds,
+                                   learn=body.learn, rotate=body.rotate)
     return predictions_of(result)
 
 
@@ -121,7 +122,7 @@ async def append_text(session_id: str, body: SessionUpdateRequest, sessions: Ses
 
     Only words followed by whitespace are committed to the recurrent state; the trailing fragment
     stays pending (a prefix to complete) until whitespace or punctuation completes it."""
-    result = await sessions.update(session_id, body.text, body.replace_pending, body.k)
+    result = await sessions.update(session_id, body.text, body.replace_pending, body.k, learn=body.learn)
     return Response(_json(predictions_body(result)).encode(), media_type="application/json")
 
 
@@ -167,7 +168,8 @@ async def stream_new_session(websocket: WebSocket) -> None:
     sessions: SessionManager = websocket.app.state.sessions
     try:
         query = StreamOpenQuery.model_validate(dict(websocket.query_params))
-        result = await sessions.create(query.model, query.version, query.text, query.k, query.ttl_seconds)
+        result = await sessions.create(query.model, query.version, query.text, query.k, query.ttl_seconds,
+                                       learn=query.learn, rotate=query.rotate)
     except Exception as exc:
         await _refuse(websocket, exc)
         return
@@ -222,8 +224,9 @@ async def _serve(websocket: WebSocket, sessions: SessionManager, record: Session
                 fields = _common_message(data)
                 if fields is None:
                     parsed = StreamMessage.model_validate(data)
-                    fields = (parsed.text, parsed.replace_pending, parsed.k)
-                result = await sessions.update(session_id, *fields, transport="websocket")
+                    fields = (parsed.text, parsed.replace_pending, parsed.k, parsed.learn)
+                text, replace, k, learn = fields
+                result = await sessions.update(session_id, text, replace, k, transport="websocket", learn=learn)
             except (SessionNotFoundError, SessionExpiredError) as exc:
                 await _send_error(websocket, exc, seq)
                 await websocket.close(SESSION_GONE_CLOSE, reason=exc.type)
@@ -256,8 +259,8 @@ def _message_data(message: dict[str, Any]) -> dict[str, Any]:
 _MESSAGE_FIELDS = frozenset(StreamMessage.model_fields)
 
 
-def _common_message(data: dict[str, Any]) -> tuple[str | None, str | None, int | None] | None:
-    """``(text, replace_pending, k)`` of a message that ``StreamMessage`` would accept unchanged
+def _common_message(data: dict[str, Any]) -> tuple[str | None, str | None, int | None, bool] | None:
+    """``(text, replace_pending, k, learn)`` of a message that ``StreamMessage`` would accept unchanged
     (exact JSON types, known fields, ``k`` in range), else None."""
     if type(data.get("seq")) is not int or not _MESSAGE_FIELDS.issuperset(data):
         return None
@@ -266,7 +269,10 @@ def _common_message(data: dict[str, Any]) -> tuple[str | None, str | None, int |
         return None
     if k is not None and (type(k) is not int or not 1 <= k <= MAX_K):
         return None
-    return text, replace, k
+    learn = data.get("learn", True)
+    if type(learn) is not bool:
+        return None
+    return text, replace, k, learn
 
 
 class _MessageError(SessionError):

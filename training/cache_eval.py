@@ -1,0 +1,174 @@
+"""Evaluation of a writer-adapted model: perplexity with the cache, and keystroke savings.
+
+Both go through the service's own code (``service/engine/cache_lm.py`` for the mixture and the new
+words, ``VocabIndex`` for selection), one position at a time, on a split read as documents in
+order: the model's state is carried across the split as in ``eval`` and the cache starts empty at
+each document, as a session would for each text.
+
+**Keystroke savings rate** (KSR): a simulated user types each alphabetic word letter by letter and
+picks it as soon as it is among the ``k`` suggestions (a pick costs one keystroke and inserts the
+word and its space); a word never offered costs its letters and a space. KSR = 1 − keystrokes with
+suggestions / (letters + spaces) without. Other tokens (punctuation, numbers, sentence ends) are
+read as context but not typed.
+
+Rows for every position come from the predict graph, with the split cut into ``lanes`` contiguous
+segments stepped together one token at a time (batch = lanes), each segment starting from the
+state the stream reaches there (found by one cheap pass of the predict graph), so every row equals
+the one-stream evaluation's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nextword import artifact as A
+from service.engine.cache_lm import AdaptedRow, CacheParams, adapt, cache_distribution, select_words
+from service.engine.vocab_index import VocabIndex
+from training.cache_fit import document_starts
+from training.evaluate import _session, load_artifact
+
+
+def cache_perplexity(ids: np.ndarray, lengths: Sequence[int], model_log_probs: np.ndarray,
+                     params: CacheParams) -> dict[str, float]:
+    """Perplexity over ``ids[1:]`` with the cache mixed in, position by position through the
+    service's :func:`cache_distribution` (the cache sees only the current document's words)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    starts = document_starts(lengths)
+    nll = 0.0
+    for i in range(ids.size - 1):
+        j = i + 1
+        cache = cache_distribution(ids[max(starts[j], j - params.history) : j], params)
+        p = (1.0 - cache.keep_out) * math.exp(float(model_log_probs[i]))
+        at = int(np.searchsorted(cache.ids, ids[j]))
+        if at < cache.ids.size and cache.ids[at] == ids[j]:
+            p += float(cache.probs[at])
+        nll -= math.log(p)
+    n = ids.size - 1
+    return {"nll": nll / n, "ppl": math.exp(nll / n), "tokens": n}
+
+
+def stream_rows(model_dir: str | Path, ids: np.ndarray, wanted: np.ndarray, lanes: int = 64,
+                threads: int | None = None, progress: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+    """``(i, log-probs after ids[: i + 1])`` for every position ``i`` in ``wanted`` (any order)."""
+    model_dir = Path(model_dir)
+    card, _ = load_artifact(model_dir)
+    sess = _session(model_dir, card.graphs["predict"], threads)
+    n = ids.size - 1  # positions 0 .. n-1 predict ids[1:]
+    lanes = max(1, min(lanes, n))
+    bounds = np.linspace(0, n, lanes + 1).astype(np.int64)
+    names = list(card.state_names)
+    shape = (card.num_layers, 1, card.hidden_size)
+    state = {s: np.zeros(shape, np.float32) for s in names}
+    starts: list[dict[str, np.ndarray]] = []
+    outputs = [A.state_output(s) for s in names]
+    for k in range(lanes):  # the state before each segment: one predict call per segment
+        starts.append(state)
+        a, b = bounds[k], bounds[k + 1]
+        if k + 1 < lanes and b > a:
+            feeds = {A.TOKENS: ids[None, a:b], A.LENGTHS: np.array([b - a]),
+                     **{A.state_input(s): state[s] for s in names}}
+            state = dict(zip(names, sess.run(outputs, feeds), strict=True))
+    need = np.zeros(n, dtype=bool)
+    need[wanted] = True
+    lane_state = {s: np.concatenate([st[s] for st in starts], axis=1) for s in names}
+    steps = int((bounds[1:] - bounds[:-1]).max())
+    for t in tqdm(range(steps), desc="rows", disable=not progress, leave=False):
+        pos = np.minimum(bounds[:-1] + t, n - 1)
+        live = bounds[:-1] + t < bounds[1:]
+        feeds = {A.TOKENS: ids[pos][:, None], A.LENGTHS: np.ones(lanes, np.int64),
+                 **{A.state_input(s): lane_state[s] for s in names}}
+        log_probs, *new = sess.run([A.LOG_PROBS, *outputs], feeds)
+        lane_state = dict(zip(names, new, strict=True))
+        for lane in np.flatnonzero(live & need[pos]):
+            yield int(pos[lane]), log_probs[lane]
+
+
+def keystrokes(index: VocabIndex, row: AdaptedRow, word: str, k: int = 3, rotate: bool = False) -> int:
+    """Keystrokes to enter ``word`` and its space with ``k`` suggestions (see the module docstring).
+    ``rotate``: words offered earlier for this word and passed over are left out afterwards."""
+    passed: set[str] = set()
+    for typed in range(len(word) + 1):
+        offered = select_words(index, row, k, word[:typed], frozenset(passed) if rotate else frozenset()).words
+        if word in offered:
+            return typed + 1
+        if rotate:
+            passed.update(offered)
+    return len(word) + 1
+
+
+@dataclass
+class KsrCount:
+    words: int = 0
+    plain: int = 0  # letters + spaces without suggestions
+    typed: int = 0  # keystrokes with suggestions
+
+    def add(self, word: str, strokes: int) -> None:
+        self.words += 1
+        self.plain += len(word) + 1
+        self.typed += strokes
+
+    @property
+    def ksr(self) -> float:
+        return 1.0 - self.typed / self.plain if self.plain else 0.0
+
+    def result(self) -> dict[str, float]:
+        return {"ksr": self.ksr, "words": self.words, "keystrokes": self.typed, "characters": self.plain}
+
+
+def typed_positions(words: Sequence[str], first: int = 0, limit: int | None = None) -> np.ndarray:
+    """Positions ``i`` (0-based, predicting ``words[i + 1]``) whose next word is typed in the KSR
+    simulation: alphabetic words, from word ``first`` on, at most ``limit`` of them."""
+    out = [j - 1 for j in range(max(1, first), len(words)) if words[j].isalpha()]
+    return np.asarray(out[:limit] if limit is not None else out, dtype=np.int64)
+
+
+@dataclass
+class KsrVariant:
+    name: str
+    params: CacheParams | None
+    rotate: bool = False
+    count: KsrCount = field(default_factory=KsrCount)
+
+
+def model_ksr(model_dir: str | Path, documents: Sequence[Sequence[str]], variants: Sequence[KsrVariant],
+              k: int = 3, new_word_count: int = 2, limit: int | None = None, lanes: int = 64,
+              threads: int | None = None, progress: bool = True) -> None:
+    """Fill each variant's keystroke count on the split (its first ``limit`` typed words)."""
+    card, vocab = load_artifact(model_dir)
+    index = VocabIndex(vocab)
+    words = [w for doc in documents for w in doc]
+    ids = np.asarray(vocab.encode(words), dtype=np.int64)
+    starts = document_starts([len(d) for d in documents])
+    wanted = typed_positions(words, limit=limit)
+    history = max((v.params.history for v in variants if v.params is not None), default=0)
+    for i, row in stream_rows(model_dir, ids, wanted, lanes, threads, progress):
+        j = i + 1
+        lo = max(int(starts[j]), j - history)
+        adapted: dict[CacheParams | None, AdaptedRow] = {}
+        for v in variants:
+            if v.params not in adapted:
+                adapted[v.params] = adapt(row, words[lo:j], ids[lo:j], v.params, vocab.unk_id, new_word_count)
+            v.count.add(words[j], keystrokes(index, adapted[v.params], words[j], k, v.rotate))
+
+
+def ngram_ksr(model, vocab, documents: Sequence[Sequence[str]], k: int = 3, limit: int | None = None,
+              batch: int = 256) -> KsrCount:
+    """The same simulation on a fitted :class:`training.ngram.KneserNey` (no cache)."""
+    index = VocabIndex(vocab)
+    words = [w for doc in documents for w in doc]
+    ids = np.asarray(vocab.encode(words), dtype=np.int64)
+    wanted = typed_positions(words, limit=limit)
+    ctx = model._stream_contexts(ids)
+    count = KsrCount()
+    for s in range(0, wanted.size, batch):
+        pos = wanted[s : s + batch]
+        rows = np.log(model._distributions(ctx[pos + 1])).astype(np.float32)
+        for i, row in zip(pos, rows, strict=True):
+            count.add(words[i + 1], keystrokes(index, AdaptedRow(row), words[i + 1], k))
+    return count
