@@ -6,6 +6,7 @@ Examples::
     python -m benchmarks --quick                  # a smaller run, ≤ 60 s
     python -m benchmarks --only runtime,roofline  # some sections
     python -m benchmarks --readme README.md       # also refresh the README's benchmark table
+    python -m benchmarks --only keyboard --readme README.md  # refresh that section's rows, keep the rest
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="intra-op threads for torch, onnxruntime and the service (default: all cores)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/latest.json"), help="JSON results file")
     parser.add_argument("--readme", type=Path, default=None,
-                        help="replace the text between <!-- bench:start --> and <!-- bench:end --> in this file")
+                        help="replace the text between <!-- bench:start --> and <!-- bench:end --> in this file "
+                        "(with --only: just those sections' rows)")
     parser.add_argument("--seed", type=int, default=0, help="seed for inputs and texts")
     return parser
 
@@ -166,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme:
         try:
             original = args.readme.read_text(encoding="utf-8")
-            args.readme.write_text(report.replace_between_markers(original, text), encoding="utf-8")
+            block = text
+            if set(only) != set(SECTIONS):  # some sections only: the others' rows stay in the table
+                ran = [s for s in SECTIONS if s in only]
+                block = report.merge_sections(report.between_markers(original), meta, rows, ran, SECTIONS)
+            args.readme.write_text(report.replace_between_markers(original, block), encoding="utf-8")
             log(f"updated the benchmark table in {args.readme}")
         except (OSError, ValueError) as exc:
             log(f"not updating {args.readme}: {exc}")

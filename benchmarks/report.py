@@ -99,6 +99,53 @@ def replace_between_markers(text: str, block: str) -> str:
     return pattern.sub(lambda _: f"{MARK_START}\n{block}{MARK_END}", text, count=1)
 
 
+def between_markers(text: str) -> str:
+    match = re.search(re.escape(MARK_START) + r"\n?(.*?)" + re.escape(MARK_END), text, re.DOTALL)
+    if match is None:
+        raise ValueError(f"no {MARK_START} ... {MARK_END} markers found")
+    return match.group(1)
+
+
+def merge_sections(previous: str, meta: dict[str, Any], rows: list[Row], sections: list[str],
+                   order: tuple[str, ...]) -> str:
+    """The README block ``previous`` with the rows of ``sections`` replaced by ``rows`` (a run of
+    some sections only): the other sections' rows stay, each in its place, and a line under the
+    summary says which rows were measured when, by which command."""
+    titles = {title: key for key, title in SECTION_TITLES.items()}
+    lines = previous.splitlines()
+    table = [i for i, line in enumerate(lines) if line.startswith("|")]
+    if len(table) < 2:
+        raise ValueError("no results table between the markers")
+    head = [line for line in lines[: table[0]] if line.strip()]
+    tail = [line for line in lines[table[-1] + 1:]
+            if line.strip() and not re.fullmatch(r"\d+ of \d+ targets met\.", line)]
+    kept: dict[str, list[str]] = {}
+    for line in lines[table[0] + 2: table[-1] + 1]:
+        title = line.split("|")[1].strip()
+        kept.setdefault(titles.get(title.replace("\\|", "|"), title), []).append(line)
+    for section in sections:
+        kept.pop(section, None)
+    new = markdown_table(rows).splitlines()
+    fresh: dict[str, list[str]] = {}
+    for row, line in zip(rows, new[2:], strict=True):
+        fresh.setdefault(row.section, []).append(line)
+    keys = [k for k in order if k in kept or k in fresh] + [k for k in kept if k not in order]
+    body = [line for k in keys for line in fresh.get(k, kept.get(k, []))]
+    statuses = [line.rsplit("|", 3)[1].strip() for line in body]
+    met, judged = statuses.count("✅"), sum(1 for x in statuses if x in ("✅", "❌"))
+    names = ", ".join(f"`{s}`" for s in sections)
+    before = meta["machine"].get("busy_before_start")
+    busy = (f" Other work kept {before:.0%} of the CPUs busy just before it: those figures are pessimistic."
+            if before is not None and before > 0.25 else "")
+    stamp = (f"Rows of {names} measured by `{meta['command']}` on {meta['started']} ({meta['duration_s']:.0f} s), "
+             f"same machine and model.{busy}")
+    head = [line for line in head if not line.startswith(f"Rows of {names} measured by")] + [stamp]
+    out = "\n\n".join(head) + "\n\n" + "\n".join(new[:2] + body) + "\n"
+    if judged:
+        out += f"\n{met} of {judged} targets met.\n"
+    return out + "".join(f"\n{line}\n" for line in tail)
+
+
 def write_json(path: Path, meta: dict[str, Any], rows: list[Row], errors: list[dict[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {**meta, "rows": [r.to_dict() for r in rows], "errors": errors}

@@ -203,3 +203,25 @@ def test_brown_sentences_are_typed_as_text() -> None:
     assert detokenize(["``", "he", "said", ",", "it", "is", "n't", "(", "so", ")", ".", "''"]) == (
         "he said, it isn't (so)."
     )
+
+
+def test_readme_rows_of_some_sections_are_replaced_in_place() -> None:
+    """``--only keyboard --readme``: the keyboard rows are replaced, every other row stays where
+    it was, the targets are recounted and a line says when the new rows were measured."""
+    from benchmarks.common import SECTIONS, Row
+    from benchmarks.report import markdown_table, merge_sections
+
+    def block(rows: list[Row], summary: str) -> str:
+        return f"{summary}\n\n{markdown_table(rows)}\n1 of 2 targets met.\n"
+
+    old = [Row("runtime", "a", 1.0, target="≥ 1", met=True), Row("keyboard", "k old", 1.0, target="≥ 2", met=False),
+           Row("training", "t", 2.0)]
+    meta = {"command": "python -m benchmarks --only keyboard", "started": "today", "duration_s": 9.0,
+            "machine": {"busy_before_start": 0.0}}
+    new = [Row("keyboard", "k new", 3.0, target="≥ 2", met=True), Row("keyboard", "k level", 4.0)]
+    merged = merge_sections(block(old, "Measured by the full run."), meta, new, ["keyboard"], SECTIONS)
+    names = [line.split("|")[2].strip() for line in merged.splitlines() if line.startswith("| ")][1:]
+    assert names == ["a", "t", "k new", "k level"]
+    assert merged.startswith("Measured by the full run.\n\nRows of `keyboard` measured by `python -m benchmarks")
+    assert "2 of 2 targets met." in merged
+    assert merge_sections(merged, meta, new, ["keyboard"], SECTIONS) == merged
