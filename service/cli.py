@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from service.api.app import create_app
+    from service.api.connections import header_timeout_protocol
     from service.api.shutdown import GracefulServer
     from service.logging import configure_logging
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         # after the socket closed (500 idle sockets opened and closed: +37 MB RSS, every time).
         # Session messages are a few hundred bytes: not worth compressing.
         ws_per_message_deflate=False,
+        http=header_timeout_protocol(settings.header_timeout_seconds) or "auto",
+        limit_concurrency=settings.max_connections,
     )
     GracefulServer(
         config, app.state.drain, settings.shutdown_delay_seconds, settings.request_deadline_seconds

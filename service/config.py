@@ -5,6 +5,7 @@ Example: ``NEXTWORD_MODEL_REPOSITORY=/srv/models NEXTWORD_DEVICE=cuda nextword-s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -120,6 +121,39 @@ class Settings(BaseSettings):
         "accepting connections (service/api/shutdown.py). 0 stops at once, still draining what is in flight."
     )
 
+    # --- access control and connections (service/api/access.py) --------------------------------
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated API keys: when any is set (here or in NEXTWORD_API_KEYS_FILE), every "
+        "route but /healthz, /readyz, /metrics and the page's static files needs Authorization: Bearer <key>."
+    )
+    api_keys_file: Path | None = Field(None, description="File of API keys, one per line (# comments).")
+    admin_api_keys: SecretStr | None = Field(
+        None, description="Comma-separated keys that may POST /v1/models/reload while API keys are on (they are "
+        "API keys too); none set: nobody may (the poller still loads new versions)."
+    )
+    metrics_require_key: bool = Field(False, description="Also require an API key for /metrics.")
+    rate_limit_per_second: float = Field(
+        0.0, ge=0, description="Requests per second per API key (per client address without keys), as a token "
+        "bucket; 0 = no limit. Over it: 429 with Retry-After. Shared by replicas through a Redis session store."
+    )
+    rate_limit_burst: int = Field(
+        0, ge=0, description="Token bucket size (requests that may come at once); 0 = twice the rate, at least 1."
+    )
+    cors_allowed_origins: str = Field(
+        "", description="Comma-separated origins allowed cross-site (CORS) and to open WebSockets; none by "
+        "default (the service's own origin always may)."
+    )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="nextword-serve: a connection that has not sent a request's complete headers "
+        "within this time (from connecting, or from the request's first byte) is closed."
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest a request body may take to arrive; slower: 408 and the connection closes."
+    )
+    max_connections: int = Field(
+        4096, ge=1, description="nextword-serve: most concurrent connections and WebSockets; more are answered 503."
+    )
+
     # --- sessions (used by the stateful-session feature) ---------------------------------------
     session_store: str = Field(
         "memory", description="memory, a redis://... URL (one Redis or primary), or redis+cluster://host:port "
@@ -182,6 +216,14 @@ class Settings(BaseSettings):
         if value != "memory" and not value.startswith(schemes):
             raise ValueError("session_store must be 'memory', a redis:// URL or a redis+cluster:// URL")
         return value
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_allowed_origins.split(",") if o.strip()]
+
+    @property
+    def rate_burst(self) -> int:
+        return self.rate_limit_burst or max(1, math.ceil(2 * self.rate_limit_per_second))
 
     @property
     def max_queue_delay_seconds(self) -> float:

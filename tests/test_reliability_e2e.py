@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,3 +121,83 @@ def test_logs_keep_no_session_ids_user_text_or_redis_address(model_repository: P
     r = httpx.post(redis_server.url + "/v1/sessions", json={"model": "tiny"}, timeout=30)
     assert r.status_code == 503 and r.json()["error"]["type"] == "session_store_unavailable"
     assert dead_redis.split(":")[-1].split("/")[0] not in r.text and "127.0.0.1" not in r.text
+
+
+def test_trickling_clients_are_cut_off_while_others_are_served(model_repository: Path,
+                                                              start_server: Callable) -> None:
+    """Clients that connect and send nothing, trickle their headers, or trickle their body are cut off
+    after the header/body timeouts; meanwhile ordinary requests are answered."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    server = start_server(model_repository, cli=True, env={
+        "NEXTWORD_HEADER_TIMEOUT_SECONDS": "1", "NEXTWORD_BODY_TIMEOUT_SECONDS": "1"})
+    host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
+
+    def trickle(prefix: bytes, drip: bytes) -> tuple[float, bytes]:
+        """Send ``prefix``, then ``drip`` a byte every 0.2 s (or just wait); (seconds until the server hung
+        up, what it answered)."""
+        sock = socket.create_connection((host, port))
+        sock.settimeout(0.2)
+        start = time.monotonic()
+        reply = b""
+        try:
+            sock.sendall(prefix)
+            for i in range(max(len(drip), 50)):
+                if i < len(drip):
+                    sock.sendall(drip[i:i + 1])
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                reply += chunk
+                if time.monotonic() - start > 10:
+                    break
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        return time.monotonic() - start, reply
+
+    slow: list[tuple[float, bytes]] = []
+    import threading
+
+    headers = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    jobs = [(b"", b""), (b"POST /v1/pre", b"dict HTTP/1.1\r\nHost: x\r\n" * 10),
+            (headers + b"Content-Length: 200\r\n\r\n", b'{"text": "' + b"a" * 150)]
+    threads = [threading.Thread(target=lambda job=job: slow.append(trickle(*job))) for job in jobs * 3]
+    for thread in threads:
+        thread.start()
+    served = 0
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        while any(t.is_alive() for t in threads):
+            assert client.post("/v1/predict", json={"text": "the "}).status_code == 200
+            served += 1
+    for thread in threads:
+        thread.join()
+    assert served > 3
+    assert len(slow) == 9 and all(seconds < 5 for seconds, _ in slow), [(round(s, 2), r[:12]) for s, r in slow]
+    # Silent and header-trickling connections are closed without an answer; body-tricklers get a 408.
+    body_replies = [reply for _, reply in slow if reply]
+    assert len(body_replies) == 3 and all(b" 408 " in r and b"request_timeout" in r for r in body_replies)
+
+
+def test_connection_cap(model_repository: Path, start_server: Callable) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    server = start_server(model_repository, cli=True, env={"NEXTWORD_MAX_CONNECTIONS": "4"})
+    address = (urlsplit(server.url).hostname, urlsplit(server.url).port)
+    idle = [socket.create_connection(address) for _ in range(4)]
+    try:
+        assert httpx.get(server.url + "/healthz").status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while httpx.get(server.url + "/healthz").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

@@ -14,7 +14,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
+from service.api.access import AccessControl, RateLimiter
+from service.api.connections import BodyTimeout
 from service.api.errors import install_error_handlers
 from service.api.middleware import MetricsMiddleware
 from service.api.routes import generate, health, kserve, models, openai, page, predict
@@ -48,6 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings.log_level, settings.log_format)
     engine = Engine(settings)
     sessions = SessionManager(engine, settings)
+    limiter = None
+    if settings.rate_limit_per_second:
+        limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_burst)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +63,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.model_repository, len(report.loaded), len(report.failed),
         )
         await sessions.start()
+        client = getattr(sessions.store, "shared_client", None)
+        if limiter is not None and client is not None:
+            limiter.use_redis(client)  # buckets shared by every replica of this store
         settle_garbage_collector()
         try:
             yield
@@ -78,7 +87,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = sessions
     app.state.drain = Drain()  # set by nextword-serve's SIGTERM handling (service/api/shutdown.py)
     install_error_handlers(app)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(BodyTimeout, timeout=settings.body_timeout_seconds)
+    app.add_middleware(AccessControl, settings=settings, limiter=limiter)
+    app.add_middleware(MetricsMiddleware)  # outside access control: refusals are counted too
+    if settings.cors_origins:  # outermost: preflights carry no key, and refusals need CORS headers too
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Inference-Header-Content-Length"],
+            expose_headers=["Retry-After"],
+        )
     app.include_router(predict.router)
     app.include_router(models.router)
     app.include_router(health.router)

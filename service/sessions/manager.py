@@ -181,11 +181,12 @@ class SessionManager:
     async def create(
         self, model: str | None = None, version: int | None = None, text: str = "", k: int = 5,
         ttl_seconds: float | None = None, session_id: str | None = None, learn: bool = True,
-        rotate: bool | None = None,
+        rotate: bool | None = None, owner: str = "",
     ) -> SessionResult:
         """A new session (a random id unless ``session_id`` is given; an existing session with
         that id must be deleted first). ``learn=False``: no adaptation for the session's whole
-        life; ``rotate``: suggestion rotation (default ``NEXTWORD_SUGGESTION_ROTATION``)."""
+        life; ``rotate``: suggestion rotation (default ``NEXTWORD_SUGGESTION_ROTATION``). The session
+        belongs to ``owner``."""
         self.engine.predictor.check_text(text)
         ttl = self.ttl(ttl_seconds)
         lv = self.engine.repository.resolve(model, version)
@@ -193,7 +194,7 @@ class SessionManager:
         sid = check_session_id(session_id) if session_id is not None else new_session_id()
         record = SessionRecord(
             id=sid, model=lv.name, version=lv.version, created=now, last_used=now, ttl=ttl, k=k,
-            state=None, last_id=lv.eos_id, learn=learn,
+            state=None, last_id=lv.eos_id, learn=learn, owner=owner,
             rotate=self.settings.suggestion_rotation if rotate is None else rotate,
         )
         result = await self._advance(record, text, k)
@@ -204,7 +205,7 @@ class SessionManager:
 
     async def update(
         self, session_id: str, text: str | None = None, replace_pending: str | None = None, k: int | None = None,
-        transport: str = "http", learn: bool = True,
+        transport: str = "http", learn: bool = True, owner: str | None = None,
     ) -> SessionResult:
         """Append ``text`` to the session (after replacing its pending fragment with
         ``replace_pending`` when given) and predict the next word. ``learn=False``: this update is
@@ -217,7 +218,7 @@ class SessionManager:
         start = time.perf_counter()
         try:
             async with self.store.lock(session_id) as lock:
-                record = await self.store.load(session_id)
+                record = _owned(await self.store.load(session_id), owner)
                 base = record.pending if replace_pending is None else replace_pending
                 result = await self._advance(record, base + (text or ""), k or record.k, learn)
                 record.last_used = time.time()
@@ -226,11 +227,14 @@ class SessionManager:
         finally:
             _update_duration(transport).observe(time.perf_counter() - start)
 
-    async def get(self, session_id: str) -> SessionRecord:
-        return await self.store.load(check_session_id(session_id))
+    async def get(self, session_id: str, owner: str | None = None) -> SessionRecord:
+        return _owned(await self.store.load(check_session_id(session_id)), owner)
 
-    async def delete(self, session_id: str) -> None:
-        self.rows.drop(check_session_id(session_id))
+    async def delete(self, session_id: str, owner: str | None = None) -> None:
+        check_session_id(session_id)
+        if owner is not None:
+            _owned(await self.store.load(session_id), owner)
+        self.rows.drop(session_id)
         if not await self.store.delete(session_id):
             # Known-but-gone ids answer session_expired; deleted or unknown ones session_not_found.
             await self.store.load(session_id)
@@ -355,6 +359,14 @@ class _Submitted(NamedTuple):
 def _update_duration(transport: str) -> Any:
     """The histogram child of one transport (``labels()`` costs a lock and a dict look-up per call)."""
     return metrics.SESSION_UPDATE_DURATION.labels(transport)
+
+
+def _owned(record: SessionRecord, owner: str | None) -> SessionRecord:
+    """The record, if ``owner`` may use it (``None``: no check). Another key's session answers
+    exactly like one that does not exist, so ids of other keys' sessions cannot be probed."""
+    if owner is not None and not hmac.compare_digest(record.owner, owner):
+        raise SessionNotFoundError(record.id)
+    return record
 
 
 def _fits(lv: LoadedVersion, record: SessionRecord) -> bool:

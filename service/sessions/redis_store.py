@@ -252,6 +252,11 @@ class RedisStore:
             log.warning("session store %s is unreachable at start-up (%s); session calls answer 503 until it is up",
                         _redact(self.url), exc)
 
+    @property
+    def shared_client(self) -> Any:
+        """The Redis client, for other state replicas share (the API rate limiter's buckets)."""
+        return self._client
+
     async def secret(self) -> bytes:
         """Created by whichever replica asks first (``SET NX``), then read by all; no TTL."""
         if self._secret is None:
@@ -295,6 +300,7 @@ class RedisStore:
             "committed": record.committed, "context": record.context, "recent": record.recent_words,
             "state_names": names, "state_shape": shape, "learn": record.learn, "rotate": record.rotate,
             "learned": record.learned, "passed": record.passed, "passed_for": record.passed_for,
+            "owner": record.owner,
         }
         state = b"" if not record.state else b"".join(
             np.ascontiguousarray(record.state[n], dtype="<f4").tobytes() for n in names
@@ -322,7 +328,7 @@ class RedisStore:
             context=int(meta.get("context", 0)), recent_words=list(meta.get("recent", [])), state=state,
             last_id=int(fields.get(b"last_id", b"0")), learn=bool(meta.get("learn", True)),
             rotate=bool(meta.get("rotate", False)), learned=list(meta.get("learned", [])),
-            passed=list(meta.get("passed", [])), passed_for=meta.get("passed_for"),
+            passed=list(meta.get("passed", [])), passed_for=meta.get("passed_for"), owner=str(meta.get("owner", "")),
         )
 
     # --- the store interface --------------------------------------------------------------------

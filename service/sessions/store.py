@@ -70,6 +70,7 @@ class SessionRecord:
     learned: list[str] = field(default_factory=list)
     passed: list[str] = field(default_factory=list)
     passed_for: str | None = None
+    owner: str = ""  # who created it (a digest of the API key; "" without keys): only they may use it
 
     @property
     def expires_at(self) -> float:

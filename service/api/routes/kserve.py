@@ -40,6 +40,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from service.api.access import principal
 from service.api.body import BinaryBodyRoute, json_too_deep
 from service.api.deps import PredictorDep, RepositoryDep, SessionsDep, SettingsDep
 from service.api.limits import check_batch_items
@@ -267,26 +268,27 @@ def _sequence(request_doc: InferRequest) -> SequenceStep | None:
     return SequenceStep(seq, start, end)
 
 
-async def sequence_session_id(sessions: SessionManager, model: str, sequence_id: int | str) -> str:
+async def sequence_session_id(sessions: SessionManager, model: str, sequence_id: int | str, owner: str = "") -> str:
     """The session behind a sequence, keyed by the model name and the client's id (integer 5 and
-    string "5" are different sequences, as in Triton). It is an HMAC under the server's secret: a
-    plain hash of these public values let anyone read or delete another client's sequence."""
-    return await sessions.derived_id("kserve-", model, type(sequence_id).__name__, str(sequence_id))
+    string "5" are different sequences, as in Triton), and the API key (``owner``: each key has its
+    own sequence ids). It is an HMAC under the server's secret: a plain hash of these public
+    values let anyone read or delete another client's sequence."""
+    return await sessions.derived_id("kserve-", owner, model, type(sequence_id).__name__, str(sequence_id))
 
 
 _GONE = (SessionNotFoundError, SessionExpiredError)
 
 
 async def _sequence_step(sessions: SessionManager, lv: LoadedVersion, step: SequenceStep, text: str,
-                         k: int) -> SessionResult:
-    sid = await sequence_session_id(sessions, lv.name, step.id)
+                         k: int, owner: str) -> SessionResult:
+    sid = await sequence_session_id(sessions, lv.name, step.id, owner)
     if step.start:
         with contextlib.suppress(*_GONE):  # a restart replaces the old sequence
             await sessions.delete(sid)
-        result = await sessions.create(lv.name, lv.version, text, k, session_id=sid)
+        result = await sessions.create(lv.name, lv.version, text, k, session_id=sid, owner=owner)
     else:
         try:
-            result = await sessions.update(sid, text=text, k=k, transport="kserve")
+            result = await sessions.update(sid, text=text, k=k, transport="kserve", owner=owner)
         except _GONE:
             raise KServeInputError(
                 f"sequence {step.id!r} is not active for model {lv.name!r}: start it with sequence_start=true "
@@ -345,7 +347,7 @@ async def _infer(request: Request, name: str, version: str | None, predictor: Pr
     if sequence is not None:
         if len(texts) != 1:
             raise KServeInputError(f"a sequence request carries exactly one text (shape [1]), got {len(texts)}")
-        predictions = [await _sequence_step(sessions, lv, sequence, texts[0], k)]
+        predictions = [await _sequence_step(sessions, lv, sequence, texts[0], k, principal(request.scope))]
     elif texts:
         predictions = await predictor.predict_many(
             [PredictQuery(t, k, lv.name, lv.version) for t in texts], item_field=request_doc.inputs[0].name

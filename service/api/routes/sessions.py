@@ -25,9 +25,10 @@ import json
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Response, WebSocket
+from fastapi import APIRouter, Request, Response, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
+from service.api.access import principal
 from service.api.body import CheckedRoute, json_too_deep
 from service.api.deps import SessionsDep
 from service.api.errors import error_body
@@ -109,32 +110,33 @@ def _json(value: Any) -> str:
 
 
 @router.post("", status_code=201, response_model=SessionPredictions, responses=_ERRORS)
-async def create_session(body: SessionCreateRequest, sessions: SessionsDep) -> SessionPredictions:
+async def create_session(body: SessionCreateRequest, sessions: SessionsDep, request: Request) -> SessionPredictions:
     """Open a session (optionally with initial text) and predict the next word."""
     result = await sessions.create(body.model, body.version, body.text, body.k, body.ttl_seconds,
-                                   learn=body.learn, rotate=body.rotate)
+                                   learn=body.learn, rotate=body.rotate, owner=principal(request.scope))
     return predictions_of(result)
 
 
 @router.post("/{session_id}/text", response_model=SessionPredictions, responses=_ERRORS)
-async def append_text(session_id: str, body: SessionUpdateRequest, sessions: SessionsDep) -> Response:
+async def append_text(session_id: str, body: SessionUpdateRequest, sessions: SessionsDep, request: Request) -> Response:
     """Append a text delta (and/or replace the uncommitted fragment) and predict the next word.
 
     Only words followed by whitespace are committed to the recurrent state; the trailing fragment
     stays pending (a prefix to complete) until whitespace or punctuation completes it."""
-    result = await sessions.update(session_id, body.text, body.replace_pending, body.k, learn=body.learn)
+    result = await sessions.update(session_id, body.text, body.replace_pending, body.k, learn=body.learn,
+                                   owner=principal(request.scope))
     return Response(_json(predictions_body(result)).encode(), media_type="application/json")
 
 
 @router.get("/{session_id}", response_model=SessionInfo, responses=_ERRORS)
-async def get_session(session_id: str, sessions: SessionsDep) -> SessionInfo:
+async def get_session(session_id: str, sessions: SessionsDep, request: Request) -> SessionInfo:
     """Model, version, committed word count, pending fragment and timestamps (does not extend the TTL)."""
-    return info_of(await sessions.get(session_id))
+    return info_of(await sessions.get(session_id, principal(request.scope)))
 
 
 @router.delete("/{session_id}", status_code=204, response_class=Response, responses=_ERRORS)
-async def delete_session(session_id: str, sessions: SessionsDep) -> Response:
-    await sessions.delete(session_id)
+async def delete_session(session_id: str, sessions: SessionsDep, request: Request) -> Response:
+    await sessions.delete(session_id, principal(request.scope))
     return Response(status_code=204)
 
 
@@ -169,7 +171,7 @@ async def stream_new_session(websocket: WebSocket) -> None:
     try:
         query = StreamOpenQuery.model_validate(dict(websocket.query_params))
         result = await sessions.create(query.model, query.version, query.text, query.k, query.ttl_seconds,
-                                       learn=query.learn, rotate=query.rotate)
+                                       learn=query.learn, rotate=query.rotate, owner=principal(websocket.scope))
     except Exception as exc:
         await _refuse(websocket, exc)
         return
@@ -187,7 +189,7 @@ async def stream_session(websocket: WebSocket, session_id: str) -> None:
         return
     sessions: SessionManager = websocket.app.state.sessions
     try:
-        record = await sessions.get(session_id)
+        record = await sessions.get(session_id, principal(websocket.scope))
     except Exception as exc:
         await _refuse(websocket, exc)
         return
@@ -226,7 +228,8 @@ async def _serve(websocket: WebSocket, sessions: SessionManager, record: Session
                     parsed = StreamMessage.model_validate(data)
                     fields = (parsed.text, parsed.replace_pending, parsed.k, parsed.learn)
                 text, replace, k, learn = fields
-                result = await sessions.update(session_id, text, replace, k, transport="websocket", learn=learn)
+                result = await sessions.update(session_id, text, replace, k, transport="websocket", learn=learn,
+                                               owner=record.owner)
             except (SessionNotFoundError, SessionExpiredError) as exc:
                 await _send_error(websocket, exc, seq)
                 await websocket.close(SESSION_GONE_CLOSE, reason=exc.type)
