@@ -84,3 +84,11 @@ class GenerateResponse(BaseModel):
     truncated: bool = Field(description="True when the prompt was longer than NEXTWORD_CONTEXT_WORDS words.")
     completions: list[GeneratedCompletion]
     usage: GenerateUsage
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    """A ``stop`` field (one string or a list, as both the native and the OpenAI API take it) as the
+    engine's tuple."""
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)

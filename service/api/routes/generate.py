@@ -29,7 +29,7 @@ from fastapi.responses import StreamingResponse
 
 from service.api.body import CheckedRoute
 from service.api.deps import PredictorDep
-from service.api.errors import describe_error
+from service.api.errors import describe_error, native_error_body
 from service.api.protocol.generate import (
     GeneratedCompletion,
     GeneratedWordOut,
@@ -37,6 +37,7 @@ from service.api.protocol.generate import (
     GenerateResponse,
     GenerateUsage,
     WordAlternative,
+    stop_strings,
 )
 from service.api.protocol.native import ErrorResponse
 from service.engine.errors import EngineError
@@ -66,12 +67,6 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "Queue full or no model loaded (see Retry-After)"},
     504: {"model": ErrorResponse, "description": "Deadline exceeded while queued"},
 }
-
-
-def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
 def params_of(body: GenerateRequest) -> GenerationParams:
@@ -142,7 +137,8 @@ async def _stream(generation: Generation, first: Event, events: AsyncIterator[Ev
     except EngineError as exc:
         e = describe_error(exc)
         log.warning("generation stream failed after it started: %s", e.message)
-        yield sse("error", {"status": e.status, "error": {"type": e.type, "message": e.message, "field": e.field}})
+        status, body = native_error_body(e)
+        yield sse("error", {"status": status, **body})
         return
     finished.sort(key=lambda c: c.index)
     yield sse("done", {

@@ -34,6 +34,7 @@ from service.api.body import CheckedRoute
 from service.api.deps import PredictorDep, RepositoryDep, SettingsDep
 from service.api.errors import describe_error, openai_error_body, shaped_error
 from service.api.limits import check_batch_items
+from service.api.protocol.generate import stop_strings
 from service.api.protocol.openai import (
     OPENAI_MAX_STOP,
     CompletionChoice,
@@ -176,7 +177,7 @@ def _params(body: CompletionRequest, max_words_limit: int) -> tuple[GenerationPa
     if body.logit_bias:
         raise InvalidInputError("logit_bias is not supported: this model's tokens are words, not token ids",
                                 "logit_bias")
-    stop = () if body.stop is None else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+    stop = stop_strings(body.stop)
     if len(stop) > OPENAI_MAX_STOP:
         raise InvalidInputError(f"stop accepts at most {OPENAI_MAX_STOP} sequences", "stop")
     temperature = 1.0 if body.temperature is None else body.temperature
