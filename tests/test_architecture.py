@@ -7,12 +7,15 @@
   ``service.sessions``, nor any ``service`` module they import, imports FastAPI or Starlette.
 * No package imports itself in a circle (``training`` and ``service``, imports inside functions
   included).
+* The file map of ``docs/service.md`` ("Where things are") is current: every ``service`` module
+  is in it and every file it names exists.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -147,6 +150,32 @@ def _cycles(package: str) -> list[list[str]]:
 def test_no_import_cycles() -> None:
     for package in ("training", "service", "nextword"):
         assert not _cycles(package), (package, _cycles(package))
+
+
+def _service_map() -> list[str]:
+    """The rows of the table under "Where things are" in docs/service.md."""
+    text = (ROOT / "docs" / "service.md").read_text(encoding="utf-8")
+    section = text.split("## Where things are", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("|")]
+
+
+def test_service_map_lists_every_module_and_only_files_that_exist() -> None:
+    rows = _service_map()
+    named: set[str] = set()
+    for row in rows:
+        paths = re.findall(r"`(service/[^`\s]*)`", row)
+        # Bare names (`predict.py`) are files of a folder the row names, or beside a file it names.
+        folders = {p if p.endswith("/") else p.rpartition("/")[0] + "/" for p in paths}
+        for path in paths:
+            assert (ROOT / path).exists(), f"docs/service.md names {path}, which does not exist"
+            named.add(path)
+        for name in re.findall(r"`([\w.-]+\.py)`", row):
+            homes = [f + name for f in sorted(folders) if (ROOT / f / name).is_file()]
+            assert homes, f"docs/service.md names {name} in no folder of its row: {row}"
+            named.update(homes)
+    modules = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "service").rglob("*.py"))
+    missing = [m for m in modules if m not in named and not m.endswith("/__init__.py")]
+    assert not missing, f"add these to the file map in docs/service.md: {missing}"
 
 
 if __name__ == "__main__":
