@@ -232,3 +232,38 @@ def test_sequence_ids_follow_the_configured_secret(model_repository, service_set
     a, b, c = (asyncio.run(derive(s)) for s in ("one secret", "one secret", "another"))
     assert a == b != c and len(a) == len("kserve-") + 40
     assert asyncio.run(derive(None)) != asyncio.run(derive(None))  # memory store: a random key per process
+
+
+def test_infer_without_a_version_survives_a_swap_after_the_lookup(repository_copy, service_settings,
+                                                                  reference) -> None:
+    """The newest version is looked up (for the 404 of an unknown model), then unloaded before the
+    work is submitted: the request runs on its successor instead of failing with version_not_found;
+    a request that names the unloaded version still gets its 404."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    with TestClient(create_app(service_settings(repository_copy))) as client:
+        repository = client.app.state.engine.repository
+        resolve = repository.resolve
+        calls = {"n": 0}
+
+        def swap_after_first_lookup(name=None, version=None):
+            found = resolve(name, version)
+            calls["n"] += 1
+            if calls["n"] == 1 and found.version == 2:
+                shutil.rmtree(repository_copy / "tiny" / "2")
+                assert repository.scan(True).unloaded == [("tiny", 2)]
+            return found
+
+        repository.resolve = swap_after_first_lookup
+        body = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": TEXTS[:2]}],
+                "parameters": {"k": 3}}
+        r = client.post("/v2/models/tiny/infer", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"] == "1"  # the version that answered
+        words, _ = expected(reference, TEXTS[:2], 3, version=1)
+        assert r.json()["outputs"][0]["data"] == [w for row in words for w in row]
+        assert client.post("/v2/models/tiny/versions/2/infer", json=body).status_code == 404

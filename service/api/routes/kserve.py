@@ -342,16 +342,22 @@ async def _infer(request: Request, name: str, version: str | None, predictor: Pr
     wanted = _wanted_outputs(request_doc)
     texts = _texts(request_doc, binary)
     check_batch_items(len(texts), settings, "texts", None)
-    lv = _resolve(predictor.repository, name, version)
+    lv = _resolve(predictor.repository, name, version)  # an unknown model or version: 404 before any work
+    # Only a version the client named is pinned: one resolved here may be swapped out before the
+    # work is submitted, and the swap retry (service/engine/swap.py) must then find its successor.
+    pinned = None if version is None else lv.version
+    served = lv.version
     predictions: list[Prediction] | list[SessionResult]
     if sequence is not None:
         if len(texts) != 1:
             raise KServeInputError(f"a sequence request carries exactly one text (shape [1]), got {len(texts)}")
-        predictions = [await _sequence_step(sessions, lv, sequence, texts[0], k, principal(request.scope))]
+        step = await _sequence_step(sessions, lv, sequence, texts[0], k, principal(request.scope))
+        predictions, served = [step], step.record.version
     elif texts:
         predictions = await predictor.predict_many(
-            [PredictQuery(t, k, lv.name, lv.version) for t in texts], item_field=request_doc.inputs[0].name
+            [PredictQuery(t, k, lv.name, pinned) for t in texts], item_field=request_doc.inputs[0].name
         )
+        served = predictions[0].version
     else:
         predictions = []
     words = [[c.word for c in p.candidates] + [""] * (k - len(p.candidates)) for p in predictions]
@@ -372,7 +378,7 @@ async def _infer(request: Request, name: str, version: str | None, predictor: Pr
         else:
             data = flat_words if out_name == WORDS else [float(x) for x in probs.reshape(-1)]
             outputs.append(InferOutputTensor(name=out_name, shape=shape, datatype=datatype, data=data))
-    response = InferResponse(model_name=lv.name, model_version=str(lv.version), id=request_doc.id, outputs=outputs)
+    response = InferResponse(model_name=lv.name, model_version=str(served), id=request_doc.id, outputs=outputs)
     header = response.model_dump_json(exclude_none=True).encode("utf-8")
     if not chunks:
         return Response(header, media_type="application/json")
