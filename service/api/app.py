@@ -20,6 +20,7 @@ from service.api.access import AccessControl, RateLimiter
 from service.api.connections import BodyTimeout
 from service.api.errors import install_error_handlers
 from service.api.middleware import MetricsMiddleware
+from service.api.openapi import install_openapi
 from service.api.routes import generate, health, kserve, models, openai, page, predict
 from service.api.routes import sessions as sessions_router
 from service.api.shutdown import Drain
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = sessions
     app.state.drain = Drain()  # set by nextword-serve's SIGTERM handling (service/api/shutdown.py)
     install_error_handlers(app)
+    install_openapi(app, settings)
     app.add_middleware(BodyTimeout, timeout=settings.body_timeout_seconds)
     app.add_middleware(AccessControl, settings=settings, limiter=limiter)
     app.add_middleware(MetricsMiddleware)  # outside access control: refusals are counted too

@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -202,8 +202,16 @@ async def validation_handler(request: Request, exc: RequestValidationError) -> J
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 400: "bad_request"}
 
 
-async def http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def http_handler(request: Request, exc: StarletteHTTPException) -> Response:
     headers = dict(exc.headers) if exc.headers else None
+    if exc.status_code == 405:
+        # Starlette lists only the first matching route's methods; a path may have several routes.
+        from service.api.openapi import allowed_methods
+
+        allow = ", ".join(allowed_methods(request.app, request.scope))
+        headers = {**(headers or {}), "Allow": allow}
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=headers)
     kind = _HTTP_TYPES.get(exc.status_code, "http_error")
     return shaped_error(request, exc.status_code, kind, str(exc.detail), None, headers)
 

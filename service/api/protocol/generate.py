@@ -15,7 +15,7 @@ from service.engine.generate import MAX_BEAM_WIDTH, MAX_COMPLETIONS, MAX_STOP_ST
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
     prompt: str = Field(
         description="Text to continue. Ending inside a word makes the first generated word complete it "

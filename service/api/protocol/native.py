@@ -27,7 +27,9 @@ def _version_field() -> Any:
 
 class _Strict(BaseModel):
     # Unknown fields are an error: a typo like "tetx" should not silently predict from "".
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Strict types: JSON's true is not the version 1, nor 0 a false "stream" (pydantic's lax mode
+    # took both); a float field still takes an integer.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
 
 # --- errors ---------------------------------------------------------------------------------------

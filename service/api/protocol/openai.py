@@ -17,7 +17,7 @@ OPENAI_MAX_STOP = 4
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool | None = None
 
@@ -25,7 +25,7 @@ class StreamOptions(BaseModel):
 class CompletionRequest(BaseModel):
     """OpenAI's ``POST /v1/completions`` body. A "token" here is a word."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
     model: str = Field(description="'name' (its newest version) or 'name:version'.")
     prompt: str | list[str] | list[int] | list[list[int]] | None = Field(

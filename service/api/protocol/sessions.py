@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.protocol.native import (
     LEARN_DESCRIPTION,
@@ -100,6 +100,8 @@ class StreamMessage(_Strict):
 
 class StreamOpenQuery(_Strict):
     """Query parameters of ``/v1/sessions/stream`` (the session it opens)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=False)  # query values are strings
 
     model: str | None = None
     version: int | None = Field(None, ge=1)
