@@ -269,3 +269,59 @@ def test_page_reconnects_after_the_server_restarts(browser: Any, start_server: C
     start_server(SHIPPED_MODELS, port=port)
     wait_for(driver, lambda d: "reconnected" in status(d) and "states" in chip_words(d), "the reconnection", timeout=20)
     assert not message(driver)
+
+
+def test_a_session_store_outage_is_a_message_then_the_page_recovers(browser: Any, start_server: Callable,
+                                                                    tmp_path: Path) -> None:
+    """A keystroke answered 503 (the Redis store is down): a short message, typing goes on, and the
+    page reconnects by itself once the store is back (empty: a new session from the text)."""
+    from processes import REDIS_SERVER, RedisServer
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt install redis-server)")
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        server = start_server(SHIPPED_MODELS, env={"NEXTWORD_SESSION_STORE": redis.url,
+                                                   "NEXTWORD_SESSION_STORE_TIMEOUT_SECONDS": "1"})
+        driver = browser
+        driver.get(server.url + "/")
+        box = driver.find_element(By.ID, "text")
+        box.send_keys("the united ")
+        wait_for(driver, lambda d: page_state(d, "sent") == "the united " and "round trip" in status(d), "a session")
+        redis.stop()
+        box.send_keys("s")
+        wait_for(driver, lambda d: "the session store is unreachable" in message(d), "the store-outage message")
+        assert message(driver).startswith("Suggestions paused") and len(message(driver)) < 120, message(driver)
+        box.send_keys("t")  # the page is not frozen: typing goes on
+        assert text_of(driver) == "the united st"
+        assert "Traceback" not in driver.page_source
+        redis.start()
+        wait_for(driver, lambda d: not message(d) and page_state(d, "sent") == text_of(d)
+                 and "states" in chip_words(d), "the recovery once the store is back", timeout=30)
+    finally:
+        redis.stop()
+
+
+def test_an_idle_session_closes_with_a_message_and_reopens_as_you_type(browser: Any,
+                                                                       start_server: Callable) -> None:
+    """A session idle past its TTL ends (the server closes the socket): the page says so in a
+    short line, and the next keystroke opens a new session from the text."""
+    server = start_server(SHIPPED_MODELS, env={"NEXTWORD_SESSION_TTL_SECONDS": "5"})
+    driver = browser
+    driver.get(server.url + "/")
+    box = driver.find_element(By.ID, "text")
+    box.send_keys("the united ")
+    wait_for(driver, lambda d: page_state(d, "sent") == "the united " and "round trip" in status(d), "a session")
+    first = page_state(driver, "sessionId")
+    wait_for(driver, lambda d: "closed after being idle" in message(d), "the idle message", timeout=20)
+    assert page_state(driver, "sessionId") is None
+    box.send_keys("s")
+    wait_for(driver, lambda d: "was idle" in status(d) and page_state(d, "sent") == text_of(d) and not message(d),
+             "a new session from the text")
+    assert page_state(driver, "sessionId") not in (None, first)
+    box.send_keys("t")
+    wait_for(driver, lambda d: "session kept" in status(d) and "states" in chip_words(d), "the next keystroke")
+    # Gboard's strip: the best suggestion in the middle, the second left, the third right.
+    best = [p["word"] for p in page_state(driver, "last.predictions")[:3]]
+    assert chip_words(driver) == [best[1], best[0], best[2]], (chip_words(driver), best)

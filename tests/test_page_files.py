@@ -65,3 +65,45 @@ def test_page_files_ship_in_the_package() -> None:
         if path.is_file():
             relative = path.relative_to(STATIC.parent).as_posix()  # package data of service.api
             assert any(fnmatch.fnmatch(relative, g) for g in globs), f"{relative} is not package data"
+
+
+def test_every_control_is_labelled() -> None:
+    """Screen readers name every control: inputs by a <label for>, buttons by text or aria-label."""
+    from html.parser import HTMLParser
+
+    class Controls(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.labelled: set[str] = set()
+            self.controls: list[dict[str, str | None]] = []
+            self.open_button: dict[str, str | None] | None = None
+            self.button_text: dict[int, str] = {}
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            a = dict(attrs)
+            if tag == "label" and a.get("for"):
+                self.labelled.add(str(a["for"]))
+            elif tag in ("input", "select", "textarea"):
+                self.controls.append(a)
+            elif tag == "button":
+                self.open_button = a
+                self.button_text[id(a)] = ""
+
+        def handle_data(self, data: str) -> None:
+            if self.open_button is not None:
+                self.button_text[id(self.open_button)] += data.strip()
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag == "button" and self.open_button is not None:
+                b = self.open_button
+                named = self.button_text[id(b)] or b.get("aria-label") or "chip" in (b.get("class") or "")
+                assert named, f"a button without a name: {b}"  # chips are named by the script
+                self.open_button = None
+
+    page = Controls()
+    page.feed((STATIC / "index.html").read_text(encoding="utf-8"))
+    assert len(page.controls) >= 3
+    unlabelled = [c.get("id") for c in page.controls if c.get("id") not in page.labelled and not c.get("aria-label")]
+    assert not unlabelled, unlabelled
+    # The chips get their accessible name from the script, whenever suggestions change.
+    assert "setAttribute(\"aria-label\"" in (STATIC / "app.js").read_text(encoding="utf-8")
