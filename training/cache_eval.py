@@ -172,3 +172,61 @@ def ngram_ksr(model, vocab, documents: Sequence[Sequence[str]], k: int = 3, limi
         for i, row in zip(pos, rows, strict=True):
             count.add(words[i + 1], keystrokes(index, AdaptedRow(row), words[i + 1], k))
     return count
+
+
+def evaluate_adapted(model_dir: str | Path, corpus: str | Path, corpus_format: str, splits: Sequence[str],
+                     scored: dict[str, np.ndarray], *, cache: bool = True, ksr: bool = False, ksr_k: int = 3,
+                     ksr_words: int | None = None, ngram_order: int | None = None, threads: int | None = None,
+                     update_card: bool = False) -> dict[str, dict]:
+    """``nextword-train eval --cache/--ksr``: per split, perplexity with the model's fitted cache
+    (from the model's own log-probabilities ``scored[split]``) and the keystroke savings of the
+    model with and without the cache and rotation (and of a Kneser-Ney ``ngram_order`` model, when
+    given); printed as it goes, returned, and with ``update_card`` stored under ``cache.evaluation``
+    in model.json."""
+    import sys
+
+    from training.data import build_vocab, load_corpus, split_documents
+
+    card, vocab = load_artifact(model_dir)
+    params = CacheParams.from_card(card.cache)
+    kn = None  # the n-gram model, fitted once for every split
+    out: dict[str, dict] = {}
+    for split in splits:
+        docs = split_documents(corpus, corpus_format, split)
+        ids = np.asarray(vocab.encode([w for d in docs for w in d]), dtype=np.int64)
+        row: dict = {}
+        if cache:
+            if params is None:
+                print(f"{model_dir} has no fitted cache (run nextword-train fit-cache)", file=sys.stderr)
+            else:
+                lp = scored[split]
+                row["ppl"] = float(np.exp(-lp.astype(np.float64).mean()))
+                row["ppl_cache"] = cache_perplexity(ids, [len(d) for d in docs], lp, params)["ppl"]
+                row["ppl_reduction"] = 1.0 - row["ppl_cache"] / row["ppl"]
+                print(f"{split:<6} ppl {row['ppl']:.2f} -> {row['ppl_cache']:.2f} with the cache "
+                      f"({100 * row['ppl_reduction']:.1f}% lower; cache reset at each of {len(docs)} documents)")
+        if ksr:
+            variants = [KsrVariant("model", None), KsrVariant("model+rotation", None, rotate=True)]
+            if params is not None:
+                variants += [KsrVariant("model+cache", params), KsrVariant("model+cache+rotation", params, True)]
+            model_ksr(model_dir, docs, variants, k=ksr_k, limit=ksr_words, threads=threads)
+            counts = {v.name: v.count.result() for v in variants}
+            if ngram_order:
+                if kn is None:
+                    from training.ngram import KneserNey
+
+                    train = load_corpus(corpus, corpus_format).train
+                    kn_vocab = build_vocab(train)
+                    kn = (KneserNey(ngram_order).fit(kn_vocab.encode(train), len(kn_vocab)), kn_vocab)
+                counts[f"kn{ngram_order}"] = ngram_ksr(kn[0], kn[1], docs, ksr_k, ksr_words).result()
+            for name, r in counts.items():
+                print(f"{split:<6} KSR top-{ksr_k} {name:<22} {100 * r['ksr']:6.2f}%  "
+                      f"({r['keystrokes']} of {r['characters']} keystrokes, {r['words']} words)")
+            row["ksr"] = counts
+            row["ksr_k"] = ksr_k
+        out[split] = row
+    if update_card and out and params is not None:
+        card = A.read_card(model_dir)
+        card.cache["evaluation"] = {**card.cache.get("evaluation", {}), **out}
+        A.write_card(model_dir, card)
+    return out

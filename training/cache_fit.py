@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -167,3 +168,38 @@ class CacheFitter:
                 best = row
         assert best is not None
         return best[1], table
+
+
+def fit_cache(model_dir: str | Path, corpus: str | Path, corpus_format: str, split: str,
+              windows: Sequence[int], threads: int | None = None, command: str | None = None) -> CacheParams:
+    """``nextword-train fit-cache``: score ``split`` with the model, fit the cache on it (one row
+    per window printed), and store the parameters with how they were fitted (and ``command``, when
+    given) in the cache section of the model's model.json."""
+    from nextword import artifact as A
+    from training.data import split_documents
+    from training.evaluate import load_artifact, score_stream
+
+    _, vocab = load_artifact(model_dir)
+    docs = split_documents(corpus, corpus_format, split)
+    words = [w for d in docs for w in d]
+    lp, _ = score_stream(model_dir, words, threads=threads)
+    fitter = CacheFitter(np.asarray(vocab.encode(words)), [len(d) for d in docs], lp, max(windows))
+    params, table = fitter.fit(windows)
+    without = fitter.perplexity(None)
+    best = fitter.perplexity(params)
+    for row in table:
+        print(f"window {row['window']:>5}: {split} ppl {row['ppl']:.2f} (decay {row['decay']}, "
+              f"kappa {row['kappa']}, weights {', '.join(f'{w:.3f}' for w in row['weights'])})")
+    print(f"{split} ppl {without:.2f} -> {best:.2f} with the cache ({100 * (1 - best / without):.1f}% lower)")
+    card = A.read_card(model_dir)
+    card.cache = {
+        **params.to_dict(),
+        "fitted": {"split": split, "corpus": card.training.get("protocol") or corpus_format,
+                   "documents": len(docs), "ppl_without": without, "ppl": best,
+                   "windows": [{"window": r["window"], "ppl": r["ppl"]} for r in table]},
+    }
+    if command is not None:
+        card.cache["command"] = command
+    A.write_card(model_dir, card)
+    print(f"wrote the cache section of {Path(model_dir) / 'model.json'}")
+    return params

@@ -172,61 +172,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_adapted(args: argparse.Namespace, scored: dict) -> dict:
-    """Perplexity with the model's fitted cache and keystroke savings, per split (see
-    training/cache_eval.py); with --update-card, stored in model.json's cache section."""
-    import numpy as np
+    from training.cache_eval import evaluate_adapted
 
-    from nextword import artifact as A
-    from service.engine.cache_lm import CacheParams
-    from training.cache_eval import KsrVariant, cache_perplexity, model_ksr, ngram_ksr
-    from training.data import build_vocab, load_corpus, split_documents
-    from training.evaluate import load_artifact
-
-    card, vocab = load_artifact(args.model)
-    params = CacheParams.from_card(card.cache)
-    out: dict = {}
-    for split in args.split:
-        docs = split_documents(args.corpus, args.corpus_format, split)
-        words = [w for d in docs for w in d]
-        ids = np.asarray(vocab.encode(words), dtype=np.int64)
-        row: dict = {}
-        if args.cache:
-            if params is None:
-                print(f"{args.model} has no fitted cache (run nextword-train fit-cache)", file=sys.stderr)
-            else:
-                lp = scored[split]
-                row["ppl"] = float(np.exp(-lp.astype(np.float64).mean()))
-                row["ppl_cache"] = cache_perplexity(ids, [len(d) for d in docs], lp, params)["ppl"]
-                row["ppl_reduction"] = 1.0 - row["ppl_cache"] / row["ppl"]
-                print(f"{split:<6} ppl {row['ppl']:.2f} -> {row['ppl_cache']:.2f} with the cache "
-                      f"({100 * row['ppl_reduction']:.1f}% lower; cache reset at each of {len(docs)} documents)")
-        if args.ksr:
-            variants = [KsrVariant("model", None), KsrVariant("model+rotation", None, rotate=True)]
-            if params is not None:
-                variants += [KsrVariant("model+cache", params), KsrVariant("model+cache+rotation", params, True)]
-            model_ksr(args.model, docs, variants, k=args.ksr_k, limit=args.ksr_words, threads=args.threads)
-            ksr = {v.name: v.count.result() for v in variants}
-            if args.ngram_order:
-                from training.ngram import KneserNey
-
-                if "kn" not in _NGRAM_CACHE:
-                    train = load_corpus(args.corpus, args.corpus_format).train
-                    kn_vocab = build_vocab(train)
-                    kn_model = KneserNey(args.ngram_order).fit(kn_vocab.encode(train), len(kn_vocab))
-                    _NGRAM_CACHE["kn"] = (kn_model, kn_vocab)
-                kn, kn_vocab = _NGRAM_CACHE["kn"]
-                ksr[f"kn{args.ngram_order}"] = ngram_ksr(kn, kn_vocab, docs, args.ksr_k, args.ksr_words).result()
-            for name, r in ksr.items():
-                print(f"{split:<6} KSR top-{args.ksr_k} {name:<22} {100 * r['ksr']:6.2f}%  "
-                      f"({r['keystrokes']} of {r['characters']} keystrokes, {r['words']} words)")
-            row["ksr"] = ksr
-            row["ksr_k"] = args.ksr_k
-        out[split] = row
-    if args.update_card and out and params is not None:
-        card = A.read_card(args.model)
-        card.cache["evaluation"] = {**card.cache.get("evaluation", {}), **out}
-        A.write_card(args.model, card)
-    return out
+    return evaluate_adapted(args.model, args.corpus, args.corpus_format, args.split, scored, cache=args.cache,
+                            ksr=args.ksr, ksr_k=args.ksr_k, ksr_words=args.ksr_words, ngram_order=args.ngram_order,
+                            threads=args.threads, update_card=args.update_card)
 
 
 _NGRAM_CACHE: dict = {}
@@ -295,37 +245,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_fit_cache(args: argparse.Namespace) -> int:
     """Fit the cache language model on a held-out split and store it in model.json."""
-    import numpy as np
+    from training.cache_fit import fit_cache
 
-    from nextword import artifact as A
-    from training.cache_fit import CacheFitter
-    from training.data import split_documents
-    from training.evaluate import load_artifact, score_stream
-
-    card, vocab = load_artifact(args.model)
-    docs = split_documents(args.corpus, args.corpus_format, args.split)
-    words = [w for d in docs for w in d]
-    lp, _ = score_stream(args.model, words, threads=args.threads)
-    fitter = CacheFitter(np.asarray(vocab.encode(words)), [len(d) for d in docs], lp, max(args.windows))
-    params, table = fitter.fit(args.windows)
-    without = fitter.perplexity(None)
-    best = fitter.perplexity(params)
-    for row in table:
-        print(f"window {row['window']:>5}: {args.split} ppl {row['ppl']:.2f} (decay {row['decay']}, "
-              f"kappa {row['kappa']}, weights {', '.join(f'{w:.3f}' for w in row['weights'])})")
-    print(f"{args.split} ppl {without:.2f} -> {best:.2f} with the cache ({100 * (1 - best / without):.1f}% lower)")
-    card = A.read_card(args.model)
-    card.cache = {
-        **params.to_dict(),
-        "fitted": {"split": args.split, "corpus": card.training.get("protocol") or args.corpus_format,
-                   "documents": len(docs), "ppl_without": without, "ppl": best,
-                   "windows": [{"window": r["window"], "ppl": r["ppl"]} for r in table]},
-        "command": "nextword-train fit-cache " + " ".join(sys.argv[2:]) if args.record_command else None,
-    }
-    if card.cache["command"] is None:
-        del card.cache["command"]
-    A.write_card(args.model, card)
-    print(f"wrote the cache section of {Path(args.model) / 'model.json'}")
+    command = "nextword-train fit-cache " + " ".join(sys.argv[2:]) if args.record_command else None
+    fit_cache(args.model, args.corpus, args.corpus_format, args.split, args.windows, args.threads, command)
     return 0
 
 
