@@ -325,3 +325,37 @@ def test_an_idle_session_closes_with_a_message_and_reopens_as_you_type(browser: 
     # Gboard's strip: the best suggestion in the middle, the second left, the third right.
     best = [p["word"] for p in page_state(driver, "last.predictions")[:3]]
     assert chip_words(driver) == [best[1], best[0], best[2]], (chip_words(driver), best)
+
+
+def test_more_suggestions_and_edits_before_the_current_word(browser: Any, start_server: Callable) -> None:
+    """k asks the same session again; deleting a selection before the current word, or pasting
+    there, starts a new session from the text before the cursor."""
+    server = start_server(SHIPPED_MODELS, env={"NEXTWORD_SESSION_STORE": "memory"})
+    driver = browser
+    driver.get(server.url + "/")
+    box = driver.find_element(By.ID, "text")
+    box.send_keys("the united st")
+    wait_for(driver, lambda d: page_state(d, "sent") == "the united st" and "states" in chip_words(d), "a session")
+    driver.execute_script("window.__seen = window.__nextword.socket")
+
+    driver.execute_script("const k = document.getElementById('k'); k.value = '6'; k.dispatchEvent(new Event('change'))")
+    wait_for(driver, lambda d: len(page_state(d, "last.predictions")) == 6
+             and len(d.find_elements(By.CSS_SELECTOR, "#more button")) == 3, "six suggestions")
+    assert driver.execute_script("return window.__nextword.socket === window.__seen"), "k restarted the session"
+
+    # Select "united " and delete it: the cursor is now before the current word.
+    driver.execute_script("const t = document.getElementById('text'); t.focus(); t.setSelectionRange(4, 11)")
+    box.send_keys(Keys.DELETE)
+    assert text_of(driver) == "the st"
+    wait_for(driver, lambda d: page_state(d, "sent") == "the " and "edit before the current word" in status(d),
+             "a new session after deleting a selection")
+
+    # A paste at the start (several characters inserted at once, as a paste does).
+    driver.execute_script("const t = document.getElementById('text'); t.setSelectionRange(0, 0);"
+                          "document.execCommand('insertText', false, 'Yes, ')")
+    assert text_of(driver) == "Yes, the st"
+    wait_for(driver, lambda d: page_state(d, "sent") == "Yes, " and page_state(d, "ready"),
+             "a new session after a paste")
+    box.send_keys(Keys.END)  # back to the end: the rest goes to the same session as a delta
+    wait_for(driver, lambda d: page_state(d, "sent") == "Yes, the st" and "session kept" in status(d), "the rest")
+    assert "Traceback" not in driver.page_source and not message(driver)
