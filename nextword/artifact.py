@@ -21,6 +21,7 @@ PREDICT_GRAPH = "predict.onnx"
 SCORE_GRAPH = "score.onnx"
 PREDICT_INT8_GRAPH = "predict.int8.onnx"
 WEIGHTS_FILE = "weights.bin"  # external initializers shared by the graphs
+CASING_FILE = "casing.tsv"  # optional: how each word is written (nextword/casing.py)
 TOKENIZER = "nextword-words/1"
 
 # Graph tensor names. State tensors are "state_<name>" in and "next_state_<name>" out, each
@@ -68,6 +69,7 @@ class ModelCard:
     special_tokens: dict[str, str] = field(default_factory=lambda: {"unk": "<unk>", "eos": "<eos>"})
     tokenizer: str = TOKENIZER
     vocab_file: str = VOCAB_FILE
+    casing_file: str | None = None  # None: suggestions stay the lowercase model words
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     # The fitted cache language model (service/engine/cache_lm.py); {} = none, serve unmixed.
@@ -103,13 +105,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def listed_files(card: ModelCard) -> set[str]:
+    """Every file the card refers to (each must have a checksum)."""
+    return {*card.graphs.values(), *card.data_files, card.vocab_file, *([card.casing_file] if card.casing_file else [])}
+
+
 def write_card(directory: str | Path, card: ModelCard) -> Path:
-    """Checksum every file the card refers to and write ``model.json`` next to them."""
+    """Checksum every file the card refers to and write ``model.json`` next to them.
+
+    The card is written to a temporary name and renamed into place, so a watcher rereading a
+    version that gains a file (``nextword-train casing``) never reads half a card."""
     directory = Path(directory)
-    names = [*card.graphs.values(), *card.data_files, card.vocab_file]
-    card.files = {n: sha256_file(directory / n) for n in sorted(set(names))}
+    card.files = {n: sha256_file(directory / n) for n in sorted(listed_files(card))}
     path = directory / CARD_FILE
-    path.write_text(card.to_json(), encoding="utf-8")
+    tmp = directory / f".{CARD_FILE}.tmp"
+    tmp.write_text(card.to_json(), encoding="utf-8")
+    tmp.replace(path)
     return path
 
 
@@ -127,7 +138,7 @@ def read_card(directory: str | Path) -> ModelCard:
 def verify_files(directory: str | Path, card: ModelCard) -> None:
     """Raise :class:`ArtifactError` unless every listed file exists with its recorded sha256."""
     directory = Path(directory)
-    needed = {*card.graphs.values(), *card.data_files, card.vocab_file}
+    needed = listed_files(card)
     missing = needed - set(card.files)
     if missing:
         raise ArtifactError(f"model.json has no checksum for {sorted(missing)}")

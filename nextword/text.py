@@ -46,8 +46,8 @@ _PARTIAL_WORD = re.compile(r"[^\W_][\w'&-]*$")
 _LAST_CHUNK = re.compile(r"\S*$")
 
 
-def _normalise(chunk: str) -> str:
-    chunk = chunk.lower().translate(_QUOTES)
+def _normalise(chunk: str, lower: bool = True) -> str:
+    chunk = (chunk.lower() if lower else chunk).translate(_QUOTES)
     # A straight double quote opens when it starts the chunk, closes otherwise (Brown's `` and '').
     if chunk.startswith('"'):
         chunk = "``" + chunk[1:]
@@ -64,6 +64,23 @@ def tokenize_chunk(chunk: str) -> list[str]:
     if end and words[end - 1] in _SENTENCE_END:
         words.append(EOS)
     return words
+
+
+def tokenize_cased(text: str) -> list[str]:
+    """Like :func:`tokenize`, but each word keeps the case it was written in (for counting how
+    words are written; the model never reads these). A chunk whose lowercase changes length
+    (rare characters such as "İ") is returned lowercase."""
+    out: list[str] = []
+    for chunk in text.split():
+        lowered, kept = _normalise(chunk), _normalise(chunk, lower=False)
+        words = tokenize_chunk(chunk)
+        if len(lowered) != len(kept):
+            out.extend(words)
+            continue
+        spans = [m.span() for m in _TOKEN.finditer(lowered)]
+        out.extend(kept[a:b] for a, b in spans)
+        out.extend(words[len(spans):])  # the <eos> a sentence end adds
+    return out
 
 
 def tokenize(text: str) -> list[str]:

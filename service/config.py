@@ -110,6 +110,17 @@ class Settings(BaseSettings):
         "word being typed and passed over are left out of its next keystrokes' suggestions."
     )
 
+    # --- suggestions ---------------------------------------------------------------------------
+    blocklist: str = Field(
+        "default", description="Words never suggested, completed or generated (a request may still ask with "
+        "filter=false): 'default' (the list shipped in service/engine/blocklist.txt), 'off', or the path of a "
+        "file with one word a line ('#' comments)."
+    )
+    corrections: bool = Field(
+        True, description="Offer corrections of a mistyped fragment beside its completions (a request may still "
+        "turn them off with corrections=false). Off: no correction index is built (about 5 MB per version)."
+    )
+
     # --- HTTP / logging -----------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -195,7 +195,10 @@ def test_new_words_are_offered_after_two_uses_and_not_with_learn_false(client: T
     twice = predict(client, "the zorblat said the zorblat fox zo")
     assert list(probs(twice)) == ["zorblat"] and abs(probs(twice)["zorblat"] - 1.0) < 1e-6
     assert "zorblat" in probs(predict(client, "the zorblat said the zorblat fox "))
-    assert probs(predict(client, "the zorblat said the zorblat fox zo", learn=False)) == {}
+    assert probs(predict(client, "the zorblat said the zorblat fox zo", learn=False, corrections=False)) == {}
+    # with corrections on, a fragment nothing completes is offered corrections only (never the new word)
+    incognito = predict(client, "the zorblat said the zorblat fox zo", learn=False)["predictions"]
+    assert incognito and all(p["correction"] and p["word"] != "zorblat" for p in incognito)
 
 
 @hypothesis_settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -55,7 +55,8 @@ def test_health_and_metadata(triton: httpclient.InferenceServerClient) -> None:
     assert meta["name"] == "tiny" and meta["versions"] == ["2", "1"]
     assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
     assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
-        "words": ("BYTES", [-1, -1]), "probabilities": ("FP32", [-1, -1])}
+        "words": ("BYTES", [-1, -1]), "probabilities": ("FP32", [-1, -1]), "display": ("BYTES", [-1, -1]),
+        "correction": ("BOOL", [-1, -1])}
     assert triton.get_model_metadata("tiny", "1")["versions"] == ["1"]
     with pytest.raises(InferenceServerException) as info:
         triton.get_model_metadata("nope")

@@ -291,7 +291,7 @@ def test_lean_reply_equals_the_response_model(client: TestClient) -> None:
 
 @hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(message=st.dictionaries(
-    st.sampled_from(["seq", "text", "replace_pending", "k", "learn", "extra"]),
+    st.sampled_from(["seq", "text", "replace_pending", "k", "learn", "filter", "corrections", "extra"]),
     st.one_of(st.none(), st.booleans(), st.integers(-3, 200), st.floats(allow_nan=False, allow_subnormal=False),
               st.text(max_size=3), st.lists(st.integers(), max_size=1)),
 ))
@@ -310,4 +310,4 @@ def test_hand_checked_messages_are_exactly_those_the_model_accepts(message: dict
         parsed = StreamMessage.model_validate(message)
     except ValidationError as exc:
         raise AssertionError(f"hand check accepted {message}: {exc}") from None
-    assert fields == (parsed.text, parsed.replace_pending, parsed.k, parsed.learn)
+    assert fields == (parsed.text, parsed.replace_pending, parsed.k, parsed.learn, parsed.filter, parsed.corrections)

@@ -224,6 +224,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     run = Path(args.run)
     model, vocab = load_run(run)
     _corpus_from_run(args, run_config(run))
+    casing = None
+    if args.casing and args.corpus_format != "ptb":
+        from training.casing import corpus_casing
+
+        casing = corpus_casing(args.corpus, args.corpus_format)
     target = export_model(
         model,
         vocab,
@@ -234,6 +239,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         training=run_provenance(run, args.train_command),
         overwrite=args.overwrite,
+        casing=casing,
     )
     if args.evaluate:
         splits = {split: _corpus_split(args, split) for split in ("valid", "test")}
@@ -262,6 +268,13 @@ def cmd_presage(args: argparse.Namespace) -> int:
               f"{args.split}, kn={r.get('kn')})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_casing(args: argparse.Namespace) -> int:
+    from training.casing import add_casing
+
+    print(add_casing(args.model, args.corpus, args.corpus_format))
     return 0
 
 
@@ -375,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngram-order", type=int, default=5, help="baseline order stored beside the metrics (0 = none)")
     p.add_argument("--train-command", default=None, help="the command that trained the run (for the model card)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument(
+        "--casing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="count how words are written in the corpus's training split and store it as casing.tsv "
+        "(skipped for lowercased ptb corpora)",
+    )
     _add_corpus(p, default=None, default_help="the corpus and format the run was trained on")
     p.set_defaults(func=cmd_export)
 
@@ -392,6 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="runs/presage", help="where the database and configurations go")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=cmd_presage)
+
+    p = sub.add_parser(
+        "casing",
+        help="add casing statistics to an exported model version",
+        description="Counts each vocabulary word's written forms in the corpus's training split (sentence "
+        "starts excluded) and adds casing.tsv to the version, rewriting model.json's checksums.",
+    )
+    p.add_argument("--model", required=True, help="model version directory, e.g. models/brown-lstm/1")
+    _add_corpus(p)
+    p.set_defaults(func=cmd_casing)
 
     p = sub.add_parser("ngram", help="the interpolated modified Kneser-Ney baseline")
     _add_corpus(p)

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from nextword.text import EOS, UNK, tokenize
+from nextword.text import EOS, UNK, tokenize, tokenize_cased
 from nextword.vocab import Vocab
 
 
@@ -53,12 +53,14 @@ def brown_files(root: str | Path) -> list[Path]:
     return _require_files(files, root, "Brown files (ca01..cr09)")
 
 
-def brown_sentences(path: Path) -> Iterator[list[str]]:
-    """Word part of each ``word/tag`` (split at the last ``/``), lowercased; one sentence a line."""
+def brown_sentences(path: Path, lower: bool = True) -> Iterator[list[str]]:
+    """Word part of each ``word/tag`` (split at the last ``/``), lowercased unless ``lower`` is
+    False; one sentence a line."""
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         tokens = line.split()
         if tokens:
-            yield [t.rpartition("/")[0].lower() or t.lower() for t in tokens]
+            words = [t.rpartition("/")[0] or t for t in tokens]
+            yield [w.lower() for w in words] if lower else words
 
 
 def stream(sentences: Iterable[list[str]]) -> list[str]:
@@ -75,7 +77,7 @@ def brown_split_of(index: int) -> str:
 
 
 def brown_lm(root: str | Path) -> Splits:
-    """The Brown-LM protocol: file index i % 10 == 8 is valid, == 9 is test, the rest train."""
+    """The Brown-LM protocol splits (see :func:`brown_split_of`)."""
     files = brown_files(root)
     parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
     for i, path in enumerate(files):
@@ -153,29 +155,29 @@ def text_corpus(path: str | Path) -> Splits:
     """Free text without prepared splits: one file or a folder of ``.txt`` documents, split
     deterministically by document or by line (see the module docstring)."""
     path = Path(path)
-    if not path.exists():
-        raise CorpusError(f"corpus path {path} does not exist")
-    if path.is_file():
-        parts = _line_split(_read_lines(path), path)
-        protocol = "text-lines/1"
-    else:
-        docs = _text_documents(path)
-        if not docs:
-            raise CorpusError(f"no 'train' file or .txt documents found under {path}")
-        if len(docs) >= MIN_DOCUMENTS:
-            parts = {split: [] for split in SPLIT_NAMES}
-            for i, doc in enumerate(docs):
-                split = "valid" if i % 10 == 8 else "test" if i % 10 == 9 else "train"
-                parts[split].extend(_read_lines(doc))
-            protocol = "text-docs/1"
-        else:
-            parts = _line_split([line for doc in docs for line in _read_lines(doc)], path)
-            protocol = "text-lines/1"
+    parts, protocol = _text_parts(path)
     splits = {split: _words(lines) for split, lines in parts.items()}
     for split, words in splits.items():
         if not words:
             raise CorpusError(f"the {split} split of {path} is empty")
     return Splits(**splits, name=path.stem if path.is_file() else path.name, protocol=protocol)
+
+
+def _text_parts(path: Path) -> tuple[dict[str, list[str]], str]:
+    """The lines of each split of a text corpus without prepared splits, and the protocol name."""
+    if not path.exists():
+        raise CorpusError(f"corpus path {path} does not exist")
+    if path.is_file():
+        return _line_split(_read_lines(path), path), "text-lines/1"
+    docs = _text_documents(path)
+    if not docs:
+        raise CorpusError(f"no 'train' file or .txt documents found under {path}")
+    if len(docs) < MIN_DOCUMENTS:
+        return _line_split([line for doc in docs for line in _read_lines(doc)], path), "text-lines/1"
+    parts: dict[str, list[str]] = {split: [] for split in SPLIT_NAMES}
+    for i, doc in enumerate(docs):
+        parts[brown_split_of(i)].extend(_read_lines(doc))
+    return parts, "text-docs/1"
 
 
 def detect_format(path: str | Path) -> str:
@@ -185,6 +187,40 @@ def detect_format(path: str | Path) -> str:
     if path.is_dir() and any(path.glob("c[a-r][0-9][0-9]")):
         return "brown"
     return "text"
+
+
+def cased_sentences(path: str | Path, fmt: str) -> Iterator[list[str]]:
+    """The training split's sentences with their case kept (for the casing statistics), split
+    into train/valid/test exactly as :func:`load_corpus` splits them.
+
+    ``brown`` keeps case in its files; ``text`` goes through the serving tokenizer without
+    lowercasing (a line break or a sentence-final mark ends a sentence); ``ptb`` corpora are
+    lowercased and have no case to count."""
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt == "brown":
+        for i, file in enumerate(brown_files(path)):
+            if brown_split_of(i) == "train":
+                yield from brown_sentences(file, lower=False)
+        return
+    if fmt != "text":
+        raise CorpusError(f"a {fmt!r} corpus is lowercased: it has no casing to count (use brown or text)")
+    root = Path(path)
+    if root.is_dir() and _has_split_files(root):
+        files = _require_files(sorted(root.glob("*train*")), root, "'train' file")
+        lines = [line for file in files for line in _read_lines(file)]
+    else:
+        lines = _text_parts(root)[0]["train"]
+    for line in lines:
+        sentence: list[str] = []
+        for word in tokenize_cased(line):
+            if word == EOS:
+                yield sentence
+                sentence = []
+            else:
+                sentence.append(word)
+        if sentence:
+            yield sentence
 
 
 def load_corpus(path: str | Path, fmt: str) -> Splits:

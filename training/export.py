@@ -21,7 +21,9 @@ import onnxruntime as ort
 import torch
 
 from nextword import artifact as A
+from nextword.casing import CaseCounts
 from nextword.vocab import Vocab
+from training.casing import write_casing_file
 from training.evaluate import evaluate_artifact, evaluate_predict_graph
 from training.model import LanguageModel, ModelConfig
 from training.onnx_graph import OPSET, build_graph
@@ -140,6 +142,7 @@ def export_model(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     overwrite: bool = False,
+    casing: CaseCounts | None = None,
 ) -> Path:
     """Write ``repository/name/version`` (next free version by default) and return its path.
 
@@ -184,6 +187,7 @@ def export_model(
             graphs["predict_int8"] = A.PREDICT_INT8_GRAPH
             export_info["int8_vs_fp32_max_abs"] = _int8_delta(model, tmp)
         vocab.save(tmp / A.VOCAB_FILE)
+        casing_file = write_casing_file(tmp, casing, vocab) if casing is not None else None
         cfg = model.cfg
         card = A.ModelCard(
             name=name,
@@ -199,6 +203,7 @@ def export_model(
             tied=cfg.tied,
             zoneout=cfg.zoneout,
             weights_dtype=weights_dtype,
+            casing_file=casing_file,
             training=training or {},
             metrics=metrics or {},
             export=export_info,

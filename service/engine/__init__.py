@@ -4,18 +4,20 @@ Public API for features built on top (sessions, generation)::
 
     engine.repository.resolve(name, version) -> LoadedVersion          # card, vocab, index, batcher
     await lv.batcher.run(WorkItem(tokens, state=..., want_state=True)) -> WorkResult
-    select(lv, result.log_probs, k, prefix) -> (candidates, TopK)     # top-k + prefix completion
+    select(lv, result.log_probs, k, prefix, writing, options) -> (candidates, TopK)
+        # top-k + prefix completion, blocklist, corrections, written forms (service.engine.suggest)
 """
 
 from service.engine.batcher import PREDICT, SCORE, STEP, Batcher, WorkItem, WorkResult
 from service.engine.core import Engine
-from service.engine.predictor import Candidate, Prediction, Predictor, PredictQuery, ScoreResult, encode_context, select
+from service.engine.predictor import Prediction, Predictor, PredictQuery, ScoreResult, encode_context
 from service.engine.repository import LoadedVersion, ModelRepository
 from service.engine.runtime import DeviceChoice, ModelRuntime, choose_device
+from service.engine.suggest import Candidate, SuggestOptions, Writing, select
 from service.engine.vocab_index import TopK, VocabIndex
 
 __all__ = [
     "PREDICT", "SCORE", "STEP", "Batcher", "Candidate", "DeviceChoice", "Engine", "LoadedVersion", "ModelRepository",
-    "ModelRuntime", "Prediction", "PredictQuery", "Predictor", "ScoreResult", "TopK", "VocabIndex", "WorkItem",
-    "WorkResult", "choose_device", "encode_context", "select",
+    "ModelRuntime", "Prediction", "PredictQuery", "Predictor", "ScoreResult", "SuggestOptions", "TopK", "VocabIndex",
+    "WorkItem", "WorkResult", "Writing", "choose_device", "encode_context", "select",
 ]

@@ -237,14 +237,18 @@ class Selection:
 
 
 def select_words(
-    index: VocabIndex, row: AdaptedRow, k: int, prefix: str = "", exclude: frozenset[str] = frozenset()
+    index: VocabIndex, row: AdaptedRow, k: int, prefix: str = "", exclude: frozenset[str] = frozenset(),
+    filtered: bool = False,
 ) -> Selection:
     """Top-``k`` over the vocabulary row and the new words together, completing ``prefix``;
     words in ``exclude`` (suggestion rotation: offered earlier for this word and passed over) are
-    skipped without changing the others' probabilities."""
-    top = index.top_k(row.log_probs, k + len(exclude), prefix)
+    skipped without changing the others' probabilities. ``filtered``: blocklisted words, in the
+    vocabulary or new, are not eligible (``service/engine/blocklist.py``)."""
+    top = index.top_k(row.log_probs, k + len(exclude), prefix, filtered=filtered)
     vocab_words = index.decode(top.ids)
-    extra = [(w, float(lp)) for w, lp in zip(row.new_words, row.new_log_probs, strict=True) if w.startswith(prefix)]
+    blocked = index.blocked_words if filtered else frozenset()
+    extra = [(w, float(lp)) for w, lp in zip(row.new_words, row.new_log_probs, strict=True)
+             if w.startswith(prefix) and w not in blocked]
     if not extra:
         kept = [j for j, w in enumerate(vocab_words) if w not in exclude][:k]
         return Selection([vocab_words[j] for j in kept], [int(top.ids[j]) for j in kept],

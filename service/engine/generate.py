@@ -19,8 +19,10 @@ Why it is built this way:
 * **Words, not sub-word tokens.** ``<unk>`` is never chosen; ``<eos>`` ends a completion
   (finish reason ``stop``); reaching ``max_words`` ends it with ``length``. Words are turned into
   text by :func:`join_piece` / :func:`detokenize` (no space before ``. , ; : ? ! ''`` and
-  ``n't``-style words, Brown's ```` `` ```` → an opening ``"``, ...). Model words are lowercase and
-  stay so.
+  ``n't``-style words, Brown's ```` `` ```` → an opening ``"``, ...). A version with casing
+  statistics writes each word in its usual form (the first one capitalised when the prompt ends a
+  sentence); without them model words are lowercase and stay so. Blocklisted words are never
+  chosen unless ``filter`` is off (:mod:`service.engine.blocklist`).
 * **Stop strings** are matched on the completion text (never the prompt), as OpenAI does: the text
   is cut right before the earliest match and the completion ends with ``stop``. While streaming, a
   word is only released once no stop string can still begin inside it, so the streamed pieces
@@ -59,6 +61,7 @@ from service.engine.batcher import STEP, WorkItem, WorkResult
 from service.engine.errors import InvalidInputError
 from service.engine.predictor import Predictor, encode_context
 from service.engine.repository import LoadedVersion
+from service.engine.truecase import TrueCase, render_word, starts_sentence
 
 GREEDY = "greedy"
 SAMPLE = "sample"
@@ -76,8 +79,6 @@ MAX_STOP_CHARS = 200
 
 # --- detokenisation -------------------------------------------------------------------------------
 
-# How model words are written: Brown's quote marks become plain quotes.
-_RENDER = {"``": '"', "''": '"', "`": "'", "-lrb-": "(", "-rrb-": ")", "-lsb-": "[", "-rsb-": "]"}
 # Words written against the previous word (closing marks, clitics).
 _NO_SPACE_BEFORE = {".", ",", ";", ":", "?", "!", "''", "'", ")", "]", "}", "...", "%", "-rrb-", "-rsb-"}
 _CLITIC = re.compile(r"(?:n't|'(?:s|re|ve|ll|d|m|t))$")
@@ -88,18 +89,14 @@ _NO_SPACE_AFTER = {"``", "`", "(", "[", "{", "$", "#", "-lrb-", "-lsb-"}
 AFTER_TEXT = ""
 
 
-def render_word(word: str) -> str:
-    """How one model word is written in text."""
-    return _RENDER.get(word, word)
-
-
-def join_piece(prev: str | None, word: str) -> str:
-    """The text that appends ``word`` after the word ``prev``.
+def join_piece(prev: str | None, word: str, written: str | None = None) -> str:
+    """The text that appends ``word`` after the word ``prev`` (``written``: how to write it, by
+    default :func:`render_word`).
 
     ``prev`` is ``None`` at the start of a text (or after whitespace the prompt already has): no
     separating space. :data:`AFTER_TEXT` stands for "after prompt text": a space unless ``word``
     attaches to the left."""
-    text = render_word(word)
+    text = render_word(word) if written is None else written
     if prev is None or word in _NO_SPACE_BEFORE or _CLITIC.fullmatch(word) or prev in _NO_SPACE_AFTER:
         return text
     return " " + text
@@ -144,6 +141,7 @@ class GenerationParams:
     logprobs: int = 0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    filter: bool = True  # never choose (or list as alternatives) blocklisted words
 
     def validate(self, max_words_limit: int) -> None:
         """Raise :class:`InvalidInputError` (with the offending field) for anything out of bounds."""
@@ -264,12 +262,13 @@ class PromptPlan:
     prefix: str
     prev: str | None
     shout: bool = False
+    sentence_start: bool = False  # the first word starts a sentence (written with a capital)
 
 
-def plan_prompt(version: LoadedVersion, prompt: str, budget: int) -> PromptPlan:
+def plan_prompt(version: LoadedVersion, prompt: str, budget: int, filtered: bool = True) -> PromptPlan:
     split = split_text(prompt)
     context, prefix = split.context, split.prefix
-    if prefix and version.index.candidates(prefix).size == 0:
+    if prefix and version.index.candidates(prefix, filtered).size == 0:
         # Nothing completes the fragment: treat it as a whole (unknown) word and go on after it.
         context, prefix = tokenize(prompt), ""
     ids, kept, truncated = encode_context(version, context, budget)
@@ -279,7 +278,8 @@ def plan_prompt(version: LoadedVersion, prompt: str, budget: int) -> PromptPlan:
         prev = context[-1] if context else AFTER_TEXT
     typed = prompt[len(prompt) - len(prefix):] if prefix else ""
     shout = typed.isupper() and sum(ch.isalpha() for ch in typed) >= 2
-    return PromptPlan(ids, list(context[len(context) - kept:]), kept, truncated, prefix, prev, shout)
+    return PromptPlan(ids, list(context[len(context) - kept:]), kept, truncated, prefix, prev, shout,
+                      starts_sentence(context))
 
 
 # --- per-completion bookkeeping -------------------------------------------------------------------
@@ -288,14 +288,18 @@ def plan_prompt(version: LoadedVersion, prompt: str, budget: int) -> PromptPlan:
 class _Draft:
     """A completion being built: words, text, stop-string cut and what may already be streamed."""
 
-    __slots__ = ("words", "text", "prev", "prefix", "shout", "score", "steps", "finish_reason", "released", "counts")
+    __slots__ = ("words", "text", "prev", "prefix", "shout", "score", "steps", "finish_reason", "released", "counts",
+                 "casing", "sentence_start")
 
-    def __init__(self, prev: str | None, prefix: str, shout: bool = False) -> None:
+    def __init__(self, prev: str | None, prefix: str, shout: bool = False, casing: TrueCase | None = None,
+                 sentence_start: bool = False) -> None:
         self.words: list[GeneratedWord] = []
         self.text = ""
         self.prev = prev
         self.prefix = prefix  # only for the first word
         self.shout = shout
+        self.casing = casing  # None: words are written as the model words
+        self.sentence_start = sentence_start  # only for the first word
         self.score = 0.0
         self.steps = 0
         self.finish_reason: str | None = None
@@ -303,7 +307,7 @@ class _Draft:
         self.counts: dict[int, int] = {}
 
     def copy(self) -> _Draft:
-        other = _Draft(self.prev, self.prefix, self.shout)
+        other = _Draft(self.prev, self.prefix, self.shout, self.casing, self.sentence_start)
         other.words = list(self.words)
         other.text = self.text
         other.score = self.score
@@ -319,16 +323,21 @@ class _Draft:
     def step_prefix(self) -> str:
         return self.prefix if not self.words else ""
 
-    def piece(self, word: str) -> str:
-        if not self.words and self.prefix:
-            rest = render_word(word)[len(self.prefix):] if word.startswith(self.prefix) else word
+    def piece(self, word: str, word_id: int) -> str:
+        first = not self.words
+        if self.casing is None:
+            written = render_word(word)
+        else:
+            written = self.casing.display(word_id, first and self.sentence_start and not self.prefix)
+        if first and self.prefix:
+            rest = written[len(self.prefix):] if word.startswith(self.prefix) else written
             return rest.upper() if self.shout else rest
-        return join_piece(self.prev, word)
+        return join_piece(self.prev, word, written)
 
     def add(self, word: str, word_id: int, log_prob: float, top: tuple[Alternative, ...] | None,
             stops: Sequence[str]) -> bool:
         """Append a chosen word; returns True when a stop string now ends the completion."""
-        piece = self.piece(word)
+        piece = self.piece(word, word_id)
         start = len(self.text)
         self.words.append(GeneratedWord(word, word_id, piece, start, log_prob, top))
         self.text += piece
@@ -400,17 +409,20 @@ def _logsumexp(x: np.ndarray) -> float:
     return top + float(np.log(np.exp(x - top).sum()))
 
 
-def step_scores(version: LoadedVersion, row: np.ndarray, prefix: str = "") -> np.ndarray:
-    """Log-probs of the next choice as float64: ``<unk>`` impossible; with a ``prefix``, only the
-    words starting with it (renormalised over them, ``<eos>`` excluded)."""
+def step_scores(version: LoadedVersion, row: np.ndarray, prefix: str = "", filtered: bool = True) -> np.ndarray:
+    """Log-probs of the next choice as float64: ``<unk>`` (and, ``filtered``, every blocklisted
+    word) impossible; with a ``prefix``, only the words starting with it (renormalised over them,
+    ``<eos>`` excluded). Without a prefix the rest keep the model's probabilities."""
     if prefix:
-        ids = version.index.candidates(prefix)
+        ids = version.index.candidates(prefix, filtered)
         scores = np.full(row.shape[0], -np.inf)
         sub = row[ids].astype(np.float64)
         scores[ids] = sub - _logsumexp(sub)
         return scores
     scores = row.astype(np.float64)  # a copy: batch rows are read-only
     scores[version.vocab.unk_id] = -np.inf
+    if filtered:
+        scores[version.index.blocked] = -np.inf
     return scores
 
 
@@ -524,9 +536,10 @@ class Generation:
         if not self.params.logprobs:
             return None
         prefix = draft.step_prefix
-        top = self.version.index.top_k(row, self.params.logprobs, prefix)
+        top = self.version.index.top_k(row, self.params.logprobs, prefix, filtered=self.params.filter)
         words = self.version.index.decode(top.ids)
-        return tuple(Alternative(w, draft.piece(w), float(lp)) for w, lp in zip(words, top.log_probs, strict=True))
+        return tuple(Alternative(w, draft.piece(w, int(i)), float(lp))
+                     for w, i, lp in zip(words, top.ids, top.log_probs, strict=True))
 
     async def _advance(self, hyps: list[_Hyp]) -> None:
         """Feed every hypothesis its pending word, in one submission (they share batches)."""
@@ -534,6 +547,10 @@ class Generation:
         results = await self.version.batcher.run_many(items)
         for h, r in zip(hyps, results, strict=True):
             h.state, h.row = r.next_state, r.log_probs
+
+    def _draft(self) -> _Draft:
+        plan = self.plan
+        return _Draft(plan.prev, plan.prefix, plan.shout, self.version.casing, plan.sentence_start)
 
     def _first_hyp(self, draft: _Draft) -> _Hyp:
         assert self._first is not None
@@ -544,7 +561,7 @@ class Generation:
     async def _sample(self) -> AsyncIterator[list[Event]]:
         p = self.params
         stops = p.stop
-        drafts = [_Draft(self.plan.prev, self.plan.prefix, self.plan.shout) for _ in range(p.n)]
+        drafts = [self._draft() for _ in range(p.n)]
         if p.max_words == 0 or self._first is None:
             for d in drafts:
                 d.end(LENGTH)
@@ -559,7 +576,7 @@ class Generation:
             for i, h in live:
                 d = h.draft
                 assert h.row is not None
-                scores = step_scores(self.version, h.row, d.step_prefix)
+                scores = step_scores(self.version, h.row, d.step_prefix, p.filter)
                 choice = choose(scores, p, rngs[i], d.counts)
                 if choice < 0 or choice == eos:
                     d.end(STOP, float(scores[choice]) if choice >= 0 else None)
@@ -585,7 +602,7 @@ class Generation:
     async def _beam(self) -> AsyncIterator[list[Event]]:
         p = self.params
         width, stops, eos = p.beam_width, p.stop, self.version.eos_id
-        root = _Draft(self.plan.prev, self.plan.prefix, self.plan.shout)
+        root = self._draft()
         finished: list[_Draft] = []
         if p.max_words == 0 or self._first is None:
             root.end(LENGTH)
@@ -601,7 +618,7 @@ class Generation:
             candidates: list[tuple[float, int, int, float]] = []
             for hi, h in enumerate(hyps):
                 assert h.row is not None
-                scores = step_scores(self.version, h.row, h.draft.step_prefix)
+                scores = step_scores(self.version, h.row, h.draft.step_prefix, p.filter)
                 finite = np.flatnonzero(np.isfinite(scores))
                 take = min(2 * width, finite.size)
                 if take == 0:
@@ -670,7 +687,7 @@ class Generator:
         params.validate(self.settings.max_generation_words)
 
         async def on(lv: LoadedVersion) -> Generation:
-            plan = plan_prompt(lv, prompt, self.settings.context_words)
+            plan = plan_prompt(lv, prompt, self.settings.context_words, params.filter)
             first = None
             if params.max_words > 0:
                 first = await lv.batcher.run(WorkItem(plan.ids, state=None, want_state=True, label=STEP))

@@ -26,10 +26,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from nextword.text import split_text, tokenize
+from nextword.text import SplitText, split_text, tokenize
 from service.config import Settings
 from service.engine.batcher import PREDICT, SCORE, WorkItem
-from service.engine.cache_lm import AdaptedRow, Selection, adapt, select_words
+from service.engine.cache_lm import AdaptedRow, adapt
 from service.engine.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -37,17 +37,10 @@ from service.engine.errors import (
     TooManyWordsError,
 )
 from service.engine.repository import LoadedVersion, ModelRepository
+from service.engine.suggest import DEFAULT_OPTIONS, Candidate, SuggestOptions, Writing, select
 from service.engine.swap import on_current_version
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    word: str
-    id: int
-    log_prob: float
-    probability: float
 
 
 @dataclass
@@ -87,6 +80,7 @@ class PredictQuery:
     model: str | None = None
     version: int | None = None
     learn: bool = True  # False: no adaptation to the text (its cache and new words are ignored)
+    options: SuggestOptions = DEFAULT_OPTIONS
 
 
 def encode_context(version: LoadedVersion, words: Sequence[str], budget: int) -> tuple[np.ndarray, int, bool]:
@@ -116,22 +110,6 @@ def adapt_row(
                  settings.new_word_min_count)
 
 
-def select(
-    version: LoadedVersion, row: np.ndarray | AdaptedRow, k: int, prefix: str = "",
-    exclude: frozenset[str] = frozenset(),
-) -> tuple[list[Candidate], Selection]:
-    """Top-k words from one next-word distribution (a model row or an adapted one), completing
-    ``prefix`` when given and skipping ``exclude`` (see ``cache_lm.select_words``). New words have
-    id -1."""
-    adapted = row if isinstance(row, AdaptedRow) else AdaptedRow(row)
-    chosen = select_words(version.index, adapted, k, prefix, exclude)
-    candidates = [
-        Candidate(word=w, id=i, log_prob=lp, probability=math.exp(lp))
-        for w, i, lp in zip(chosen.words, chosen.ids, chosen.log_probs, strict=True)
-    ]
-    return candidates, chosen
-
-
 class Predictor:
     """Stateless next-word prediction and scoring for the HTTP layer (and any other front end)."""
 
@@ -157,9 +135,10 @@ class Predictor:
     # --- prediction ---------------------------------------------------------------------------
 
     async def predict(
-        self, text: str, k: int = 5, model: str | None = None, version: int | None = None, learn: bool = True
+        self, text: str, k: int = 5, model: str | None = None, version: int | None = None, learn: bool = True,
+        options: SuggestOptions = DEFAULT_OPTIONS,
     ) -> Prediction:
-        return (await self.predict_many([PredictQuery(text, k, model, version, learn)], item_field=None))[0]
+        return (await self.predict_many([PredictQuery(text, k, model, version, learn, options)], item_field=None))[0]
 
     async def predict_many(self, queries: Sequence[PredictQuery], item_field: str | None = "items") -> list[Prediction]:
         """Predict for many texts; items for one version are submitted together (all or none
@@ -181,13 +160,13 @@ class Predictor:
                     # The cache reads the text's last words even past the model's context budget
                     # (it is cheap), as a session remembers them.
                     words = split.context[-(self.settings.cache_window_words + 2) :]
-                    prepared.append((i, split.prefix, kept, truncated, words, WorkItem(ids, PREDICT)))
+                    prepared.append((i, split, kept, truncated, words, WorkItem(ids, PREDICT)))
                 outputs = await version.batcher.run_many([p[-1] for p in prepared])
-                for (i, prefix, kept, truncated, words, _), out in zip(prepared, outputs, strict=True):
+                for (i, split, kept, truncated, words, _), out in zip(prepared, outputs, strict=True):
                     assert out.log_probs is not None
-                    row = adapt_row(version, self.settings, out.log_probs, words, version.vocab.encode(words),
-                                    queries[i].learn)
-                    results[i] = self._prediction(version, row, queries[i].k, prefix, kept, truncated)
+                    q = queries[i]
+                    row = adapt_row(version, self.settings, out.log_probs, words, version.vocab.encode(words), q.learn)
+                    results[i] = self._prediction(version, row, q, split, kept, truncated)
 
             await self.with_version(key[0], key[1], on)
 
@@ -203,11 +182,12 @@ class Predictor:
 
     @staticmethod
     def _prediction(
-        version: LoadedVersion, row: AdaptedRow, k: int, prefix: str, kept: int, truncated: bool
+        version: LoadedVersion, row: AdaptedRow, query: PredictQuery, split: SplitText, kept: int, truncated: bool
     ) -> Prediction:
-        candidates, top = select(version, row, k, prefix)
+        writing = Writing.of(query.text, split)
+        candidates, top = select(version, row, query.k, split.prefix, writing, query.options)
         return Prediction(
-            model=version.name, version=version.version, candidates=candidates, prefix=prefix,
+            model=version.name, version=version.version, candidates=candidates, prefix=split.prefix,
             context_words=kept, truncated=truncated, prefix_probability=top.mass, matches=top.matches,
         )
 

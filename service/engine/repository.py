@@ -29,12 +29,15 @@ from typing import Any
 import numpy as np
 
 from nextword import artifact as A
+from nextword.casing import CasingError
 from nextword.text import EOS, UNK
 from nextword.vocab import Vocab
 from service import metrics
 from service.config import Settings
 from service.engine.batcher import Batcher
+from service.engine.blocklist import blocked_ids, blocklist_path, read_blocklist
 from service.engine.cache_lm import CacheParams
+from service.engine.correct import Corrector
 from service.engine.errors import (
     ModelLoadError,
     ModelNotFoundError,
@@ -42,6 +45,7 @@ from service.engine.errors import (
     VersionNotFoundError,
 )
 from service.engine.runtime import DeviceChoice, ModelRuntime, choose_device
+from service.engine.truecase import TrueCase
 from service.engine.vocab_index import VocabIndex
 
 log = logging.getLogger("service.engine.repository")
@@ -82,6 +86,8 @@ class LoadedVersion:
     fingerprint: Fingerprint
     cache: CacheParams | None = None  # the fitted cache language model (model.json "cache"), if any
     loaded_at: float = field(default_factory=time.time)
+    casing: TrueCase | None = None  # None: suggestions are written as the model words
+    corrector: Corrector | None = None  # None: corrections are off (NEXTWORD_CORRECTIONS)
 
     @property
     def device(self) -> str:
@@ -140,6 +146,7 @@ class ModelRepository:
         self.settings = settings
         self.root = Path(settings.model_repository)
         self.device = device or choose_device(settings.device)
+        self.blocklist = read_blocklist(blocklist_path(settings.blocklist))
         self._versions: dict[str, dict[int, LoadedVersion]] = {}
         self._failures: dict[tuple[str, int], Failure] = {}
         self._scan_lock = threading.Lock()
@@ -303,6 +310,13 @@ class ModelRepository:
             cache = CacheParams.from_card(card.cache)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"model.json cache section: {exc}") from exc
+        casing = None
+        if card.casing_file:
+            try:
+                casing = TrueCase.load(path / card.casing_file, vocab)
+            except CasingError as exc:
+                raise ModelLoadError(str(exc)) from exc
+        index = VocabIndex(vocab, blocked_ids(vocab, self.blocklist), self.blocklist)
         runtime = ModelRuntime.load(
             path, card, self.device, self.settings.intra_op_threads, self.settings.intra_op_spinning,
             workers=self.settings.inference_workers,
@@ -318,8 +332,9 @@ class ModelRepository:
             queue_capacity=s.queue_capacity, timeout=s.request_timeout_seconds, workers=s.inference_workers,
         ).start()
         return LoadedVersion(
-            name=name, version=version, path=path, card=card, vocab=vocab, index=VocabIndex(vocab),
+            name=name, version=version, path=path, card=card, vocab=vocab, index=index,
             runtime=runtime, batcher=batcher, fingerprint=fp if fp is not None else fingerprint(path), cache=cache,
+            casing=casing, corrector=Corrector(index) if s.corrections else None,
         )
 
     def _publish_info(self) -> None:

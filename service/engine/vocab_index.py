@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,11 @@ class TopK:
 
 
 class VocabIndex:
-    def __init__(self, vocab: Vocab) -> None:
+    """``blocked``: ids of words never offered when a selection is ``filtered`` (the blocklist);
+    ``blocked_words``: the whole list, for words outside the vocabulary (a text's new words);
+    ``<unk>``/``<eos>`` are never offered at all."""
+
+    def __init__(self, vocab: Vocab, blocked: Iterable[int] = (), blocked_words: frozenset[str] = frozenset()) -> None:
         self.vocab = vocab
         self.size = len(vocab)
         order = sorted(range(self.size), key=vocab.itos.__getitem__)
@@ -44,7 +49,16 @@ class VocabIndex:
         self.banned = np.asarray([vocab.unk_id, vocab.eos_id], dtype=np.int64)
         self.allowed = np.ones(self.size, dtype=bool)
         self.allowed[self.banned] = False
+        self.blocked = np.asarray(sorted(set(blocked) - set(self.banned.tolist())), dtype=np.int64)
+        self.banned_filtered = np.concatenate([self.banned, self.blocked])
+        self.allowed_filtered = self.allowed.copy()
+        self.allowed_filtered[self.blocked] = False
+        self.blocked_words = blocked_words | frozenset(vocab.itos[i] for i in self.blocked.tolist())
         self.words = np.asarray(vocab.itos, dtype=object)
+
+    def eligible(self, filtered: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(allowed mask, banned ids)`` of a selection with or without the blocklist."""
+        return (self.allowed_filtered, self.banned_filtered) if filtered else (self.allowed, self.banned)
 
     def prefix_range(self, prefix: str) -> tuple[int, int]:
         """``[lo, hi)`` in sorted order of the words starting with ``prefix``.
@@ -61,21 +75,23 @@ class VocabIndex:
             hi = bisect.bisect_left(self.sorted_words, prefix[:-1] + chr(last + 1), lo)
         return lo, hi
 
-    def candidates(self, prefix: str) -> np.ndarray:
-        """Ids of the words starting with ``prefix`` (never ``<unk>``/``<eos>``)."""
+    def candidates(self, prefix: str, filtered: bool = False) -> np.ndarray:
+        """Ids of the words starting with ``prefix`` (never ``<unk>``/``<eos>``; never a blocked
+        word when ``filtered``)."""
         lo, hi = self.prefix_range(prefix)
         ids = self.sorted_ids[lo:hi]
-        return ids[self.allowed[ids]]
+        return ids[self.eligible(filtered)[0][ids]]
 
-    def top_k(self, log_probs: np.ndarray, k: int, prefix: str = "") -> TopK:
+    def top_k(self, log_probs: np.ndarray, k: int, prefix: str = "", filtered: bool = False) -> TopK:
         """The ``k`` most likely eligible words given one row of next-word log-probabilities."""
         row = np.asarray(log_probs)
+        allowed, banned = self.eligible(filtered)
         if prefix:
-            ids: np.ndarray | None = self.candidates(prefix)
+            ids: np.ndarray | None = self.candidates(prefix, filtered)
             scores = row[ids]
         else:
             ids, scores = None, row
-        matches = int(ids.size) if ids is not None else self.size - self.banned.size
+        matches = int(ids.size) if ids is not None else self.size - banned.size
         if matches == 0 or k <= 0:
             return TopK(np.empty(0, np.int64), np.empty(0, np.float64), 0.0, matches)
         # float32 throughout (the model's own precision): the shift by the eligible maximum keeps
@@ -83,7 +99,7 @@ class VocabIndex:
         # to ~1e-7 relative. Half the memory traffic of float64 over a vocabulary-sized row.
         if ids is None:
             wide = scores.astype(np.float32)  # a copy: the batch row is read-only
-            wide[self.banned] = -np.inf
+            wide[banned] = -np.inf
         else:
             wide = scores.astype(np.float32, copy=False)  # row[ids] is a copy already
         top = float(wide.max())
@@ -101,7 +117,7 @@ class VocabIndex:
         else:
             pos = _shortlist(wide, k)
             if ids is None:
-                pos = pos[self.allowed[pos]]
+                pos = pos[allowed[pos]]
             keys = ids[pos] if ids is not None else pos
             pos = pos[np.lexsort((keys, -wide[pos]))[:k]]
         chosen = wide[pos].astype(np.float64)

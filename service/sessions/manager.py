@@ -52,8 +52,9 @@ from service.engine import Engine
 from service.engine.batcher import STEP, WorkItem, WorkResult
 from service.engine.cache_lm import AdaptedRow
 from service.engine.errors import VersionNotFoundError
-from service.engine.predictor import Candidate, adapt_row, select
+from service.engine.predictor import adapt_row
 from service.engine.repository import LoadedVersion
+from service.engine.suggest import Candidate, SuggestOptions, Writing, select
 from service.engine.swap import on_current_version
 from service.sessions.errors import (
     DeltaTooLongError,
@@ -181,11 +182,12 @@ class SessionManager:
     async def create(
         self, model: str | None = None, version: int | None = None, text: str = "", k: int = 5,
         ttl_seconds: float | None = None, session_id: str | None = None, learn: bool = True,
-        rotate: bool | None = None, owner: str = "",
+        rotate: bool | None = None, owner: str = "", options: SuggestOptions | None = None,
     ) -> SessionResult:
         """A new session (a random id unless ``session_id`` is given; an existing session with
         that id must be deleted first). ``learn=False``: no adaptation for the session's whole
-        life; ``rotate``: suggestion rotation (default ``NEXTWORD_SUGGESTION_ROTATION``). The session
+        life; ``rotate``: suggestion rotation (default ``NEXTWORD_SUGGESTION_ROTATION``);
+        ``options`` (blocklist filter, corrections) become the session's defaults. The session
         belongs to ``owner``."""
         self.engine.predictor.check_text(text)
         ttl = self.ttl(ttl_seconds)
@@ -197,6 +199,8 @@ class SessionManager:
             state=None, last_id=lv.eos_id, learn=learn, owner=owner,
             rotate=self.settings.suggestion_rotation if rotate is None else rotate,
         )
+        if options is not None:
+            record.filter, record.corrections = options.filter, options.corrections
         result = await self._advance(record, text, k)
         result.rebuilt = False  # nothing to rebuild from; a version swap during creation just moved it
         record.last_used = time.time()
@@ -205,11 +209,13 @@ class SessionManager:
 
     async def update(
         self, session_id: str, text: str | None = None, replace_pending: str | None = None, k: int | None = None,
-        transport: str = "http", learn: bool = True, owner: str | None = None,
+        transport: str = "http", learn: bool = True, owner: str | None = None, filter: bool | None = None,
+        corrections: bool | None = None,
     ) -> SessionResult:
         """Append ``text`` to the session (after replacing its pending fragment with
         ``replace_pending`` when given) and predict the next word. ``learn=False``: this update is
-        not adapted to and its words are not learned from."""
+        not adapted to and its words are not learned from. ``filter`` / ``corrections`` override
+        the session's own for this update."""
         check_session_id(session_id)
         if text is None and replace_pending is None:
             raise InvalidSessionInputError("send text (a delta to append) and/or replace_pending", "text")
@@ -220,7 +226,9 @@ class SessionManager:
             async with self.store.lock(session_id) as lock:
                 record = _owned(await self.store.load(session_id), owner)
                 base = record.pending if replace_pending is None else replace_pending
-                result = await self._advance(record, base + (text or ""), k or record.k, learn)
+                options = SuggestOptions(record.filter if filter is None else filter,
+                                         record.corrections if corrections is None else corrections)
+                result = await self._advance(record, base + (text or ""), k or record.k, learn, options)
                 record.last_used = time.time()
                 await self.store.save(record, lock)
                 return result
@@ -267,9 +275,14 @@ class SessionManager:
         on: a cached row is reused only while this is unchanged."""
         return record.last_id, tuple(tail), record.committed, record.context, learn
 
-    async def _advance(self, record: SessionRecord, raw: str, k: int, learn: bool = True) -> SessionResult:
+    async def _advance(self, record: SessionRecord, raw: str, k: int, learn: bool = True,
+                       options: SuggestOptions | None = None) -> SessionResult:
         split = split_text(raw)
         learn = learn and record.learn
+        if options is None:
+            options = SuggestOptions(record.filter, record.corrections)
+        # The last committed words say whether the next word starts a sentence.
+        writing = Writing.of(raw, split, before=record.recent_words[-4:])
         if len(split.pending) > self.settings.max_text_chars:
             raise PendingTooLongError(len(split.pending), self.settings.max_text_chars)
         if not split.committed and self.rows.enabled:
@@ -278,7 +291,7 @@ class SessionManager:
                 row = self.rows.get(record.id, lv, self.stamp(record, split.tail, learn), record.state)
                 if row is not None:
                     record.pending = split.pending
-                    return self._result(lv, record, row, k, split, rebuilt=False)
+                    return self._result(lv, record, row, k, split, writing, options, rebuilt=False)
 
         async def submit(choice: tuple[LoadedVersion, bool]) -> _Submitted:
             lv, rebuilt = choice
@@ -319,12 +332,12 @@ class SessionManager:
         record.pending = split.pending
         row = self.adjust_row(lv, record, outputs[-1].log_probs, split.tail, learn)
         self.rows.put(record.id, lv, self.stamp(record, split.tail, learn), record.state, row)
-        return self._result(lv, record, row, k, split, rebuilt)
+        return self._result(lv, record, row, k, split, writing, options, rebuilt)
 
     def _result(self, lv: LoadedVersion, record: SessionRecord, row: AdaptedRow, k: int, split: SplitText,
-                rebuilt: bool) -> SessionResult:
+                writing: Writing, options: SuggestOptions, rebuilt: bool) -> SessionResult:
         exclude = self._passed_over(record, split)
-        candidates, top = select(lv, row, k, split.prefix, exclude)
+        candidates, top = select(lv, row, k, split.prefix, writing, options, exclude)
         if record.rotate:
             record.passed = [*sorted(exclude), *(c.word for c in candidates)]
             record.passed_for = split.pending

@@ -302,6 +302,11 @@ class RedisStore:
             "learned": record.learned, "passed": record.passed, "passed_for": record.passed_for,
             "owner": record.owner,
         }
+        # Written only when off, so a record of default options keeps its size.
+        if not record.filter:
+            meta["filter"] = False
+        if not record.corrections:
+            meta["corr"] = False
         state = b"" if not record.state else b"".join(
             np.ascontiguousarray(record.state[n], dtype="<f4").tobytes() for n in names
         )
@@ -329,6 +334,7 @@ class RedisStore:
             last_id=int(fields.get(b"last_id", b"0")), learn=bool(meta.get("learn", True)),
             rotate=bool(meta.get("rotate", False)), learned=list(meta.get("learned", [])),
             passed=list(meta.get("passed", [])), passed_for=meta.get("passed_for"), owner=str(meta.get("owner", "")),
+            filter=bool(meta.get("filter", True)), corrections=bool(meta.get("corr", True)),
         )
 
     # --- the store interface --------------------------------------------------------------------

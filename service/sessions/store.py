@@ -71,6 +71,8 @@ class SessionRecord:
     passed: list[str] = field(default_factory=list)
     passed_for: str | None = None
     owner: str = ""  # who created it (a digest of the API key; "" without keys): only they may use it
+    filter: bool = True  # leave blocklisted words out of this session's suggestions
+    corrections: bool = True  # offer corrections of a mistyped fragment
 
     @property
     def expires_at(self) -> float:

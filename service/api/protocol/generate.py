@@ -43,19 +43,24 @@ class GenerateRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="greedy/sample: OpenAI's frequency penalty.")
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="greedy/sample: OpenAI's presence penalty.")
     stream: bool = Field(False, description="Server-sent events: one `word` event per word, then `done`.")
+    filter: bool = Field(True, description="Never generate (or list as alternatives) blocklisted words "
+                         "(NEXTWORD_BLOCKLIST); false allows every word.")
     model: str | None = Field(None, description="Model name; default: NEXTWORD_DEFAULT_MODEL or the first one.")
     version: int | None = Field(None, ge=1, description="Model version; default: the newest loaded one.")
 
 
 class WordAlternative(BaseModel):
-    word: str
-    text: str = Field(description="How the word would have been written at this point.")
+    word: str = Field(description="The model word (lowercase).")
+    text: str = Field(description="How the word would have been written at this point (its usual form when the "
+                      "model has casing statistics).")
     log_prob: float
 
 
 class GeneratedWordOut(BaseModel):
     word: str = Field(description="The model word (lowercase).")
-    text: str = Field(description="What it adds to the completion text (leading space included).")
+    text: str = Field(description="What it adds to the completion text (leading space included), written in the "
+                      "word's usual form when the model has casing statistics (\"I\", \"John\", a capital after a "
+                      "sentence end).")
     log_prob: float = Field(description="Model log-probability (renormalised over prefix matches for a "
                             "word completing the prompt's last word).")
     top: list[WordAlternative] | None = Field(None, description="The most likely words at this step (logprobs).")

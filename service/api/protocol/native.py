@@ -25,6 +25,13 @@ def _version_field() -> Any:
     return Field(None, ge=1, description="Model version; default: the newest loaded version of the model.")
 
 
+FILTER_DESCRIPTION = ("Leave out blocklisted (offensive) words (the service's NEXTWORD_BLOCKLIST); false offers "
+                      "every word.")
+CORRECTIONS_DESCRIPTION = ("When the word being typed has few or unlikely completions, also offer corrections of "
+                           "a one-key typo in it (marked correction=true). Off service-wide with "
+                           "NEXTWORD_CORRECTIONS=false.")
+
+
 class _Strict(BaseModel):
     # Unknown fields are an error: a typo like "tetx" should not silently predict from "".
     # Strict types: JSON's true is not the version 1, nor 0 a false "stream" (pydantic's lax mode
@@ -66,12 +73,21 @@ class PredictRequest(_Strict):
     model: str | None = _model_field()
     version: int | None = _version_field()
     learn: bool = Field(True, description=LEARN_DESCRIPTION)
+    filter: bool = Field(True, description=FILTER_DESCRIPTION)
+    corrections: bool = Field(True, description=CORRECTIONS_DESCRIPTION)
 
 
 class WordProbability(BaseModel):
-    word: str
-    probability: float = Field(description="Probability (renormalised over prefix matches when a prefix is used).")
+    word: str = Field(description="The model word (lowercase), as the model and /v1/score know it.")
+    display: str = Field(description="The word as a writer would type it here: its usual form in the training "
+                         "corpus (\"I\", \"John\"), capitalised at a sentence start, following the typed "
+                         "fragment's case (all capitals after two or more capitals). Equal to word for a model "
+                         "without casing statistics.")
+    probability: float = Field(description="Probability (renormalised over prefix matches when a prefix is used; "
+                               "over the matches and the corrections when a correction is offered).")
     log_prob: float = Field(description="Natural log of probability.")
+    correction: bool = Field(False, description="True: offered as a correction of a typo in the typed fragment "
+                             "(it does not start with the prefix).")
 
 
 class PredictResponse(BaseModel):

@@ -48,6 +48,8 @@ class CompletionRequest(BaseModel):
                                                  "a non-empty map is rejected.")
     suffix: str | None = Field(None, description="Not supported; a non-null value is rejected.")
     user: str | None = Field(None, description="Accepted and ignored.")
+    filter: bool | None = Field(True, description="Extension: never generate blocklisted words (NEXTWORD_BLOCKLIST); "
+                                "false allows every word.")
 
 
 class CompletionLogprobs(BaseModel):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.protocol.native import (
+    CORRECTIONS_DESCRIPTION,
+    FILTER_DESCRIPTION,
     LEARN_DESCRIPTION,
     MAX_K,
     WordProbability,
@@ -33,6 +35,8 @@ class SessionCreateRequest(_Strict):
     )
     learn: bool = Field(True, description=LEARN_DESCRIPTION + " For the session's whole life.")
     rotate: bool | None = Field(None, description=ROTATE_DESCRIPTION)
+    filter: bool = Field(True, description=FILTER_DESCRIPTION + " The session's default for its updates.")
+    corrections: bool = Field(True, description=CORRECTIONS_DESCRIPTION + " The session's default for its updates.")
 
 
 class SessionUpdateRequest(_Strict):
@@ -48,6 +52,10 @@ class SessionUpdateRequest(_Strict):
     k: int | None = Field(None, ge=1, le=MAX_K, description="Predictions to return (default: the session's k).")
     learn: bool = Field(True, description="false: this update's text is neither adapted to nor learned from "
                         "(incognito); the session's earlier words still count.")
+    filter: bool | None = Field(None, description="This update only: " + FILTER_DESCRIPTION + " Default: the "
+                                "session's.")
+    corrections: bool | None = Field(None, description="This update only: " + CORRECTIONS_DESCRIPTION
+                                     + " Default: the session's.")
 
 
 class SessionInfo(BaseModel):
@@ -63,6 +71,8 @@ class SessionInfo(BaseModel):
     k: int
     learn: bool = Field(description="Whether the session adapts to its text (see SessionCreateRequest.learn).")
     rotate: bool = Field(description="Whether suggestion rotation is on (see SessionCreateRequest.rotate).")
+    filter: bool = Field(description="The session's default for leaving out blocklisted words.")
+    corrections: bool = Field(description="The session's default for offering corrections.")
     ttl_seconds: float
     created: float = Field(description="Unix time.")
     last_used: float = Field(description="Unix time of the last update.")
@@ -96,6 +106,8 @@ class StreamMessage(_Strict):
     replace_pending: str | None = None
     k: int | None = Field(None, ge=1, le=MAX_K)
     learn: bool = True
+    filter: bool | None = None
+    corrections: bool | None = None
 
 
 class StreamOpenQuery(_Strict):
@@ -110,3 +122,5 @@ class StreamOpenQuery(_Strict):
     ttl_seconds: int | None = Field(None, ge=1)
     learn: bool = True
     rotate: bool | None = None
+    filter: bool = True
+    corrections: bool = True

@@ -74,7 +74,7 @@ def params_of(body: GenerateRequest) -> GenerationParams:
         max_words=body.max_words, strategy=body.strategy, temperature=body.temperature, top_k=body.top_k,
         top_p=body.top_p, seed=body.seed, beam_width=body.beam_width, length_penalty=body.length_penalty,
         n=body.n, stop=stop_strings(body.stop), logprobs=body.logprobs,
-        frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty, filter=body.filter,
     )
 
 

@@ -2,10 +2,14 @@
 
 Health, server and model metadata, readiness, and inference: the input is a ``BYTES`` tensor of
 texts (any name; ``text`` by convention) of shape ``[N]`` or ``[N, 1]``; a request parameter ``k``
-(default 5, 1..100) picks how many words come back. Outputs, shape ``[N, k]``: ``words`` (``BYTES``,
-most likely first) and ``probabilities`` (``FP32``), with /v1/predict's keyboard semantics (text
-ending inside a word asks for completions of it). A row with fewer than ``k`` eligible words (a
-rare prefix) is padded with ``""`` and ``0.0`` so the tensor stays rectangular.
+(default 5, 1..100) picks how many words come back; boolean parameters ``filter`` and
+``corrections`` (default true) are /v1/predict's fields. Outputs, shape ``[N, k]``: ``words``
+(``BYTES``, the model words, most likely first) and ``probabilities`` (``FP32``), with /v1/predict's
+keyboard semantics (text ending inside a word asks for completions of it). Two more outputs are
+returned when the request names them (so existing clients get the tensors they expect):
+``display`` (``BYTES``, each word as written here, /v1/predict's ``display``) and ``correction``
+(``BOOL``, offered as a typo correction). A row with fewer than ``k`` eligible words (a rare
+prefix) is padded with ``""``, ``0.0`` and ``false`` so the tensor stays rectangular.
 
 Both JSON tensor data and the *binary tensor data* extension are supported, in both directions
 (``tritonclient.http`` sends and asks for binary by default): a request body may be a JSON header of
@@ -55,7 +59,7 @@ from service.api.protocol.kserve import (
     TensorMetadata,
 )
 from service.config import Settings
-from service.engine import LoadedVersion, ModelRepository, Prediction, Predictor, PredictQuery
+from service.engine import LoadedVersion, ModelRepository, Prediction, Predictor, PredictQuery, SuggestOptions
 from service.engine.errors import InvalidInputError, ModelNotFoundError, VersionNotFoundError
 from service.sessions import SessionManager, SessionResult
 from service.sessions.errors import SessionExpiredError, SessionNotFoundError
@@ -68,9 +72,14 @@ PLATFORM = "onnxruntime_onnx"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 WORDS = "words"
 PROBABILITIES = "probabilities"
+DISPLAY = "display"
+CORRECTION = "correction"
 INPUTS = [TensorMetadata(name="text", datatype="BYTES", shape=[-1])]
 OUTPUTS = [TensorMetadata(name=WORDS, datatype="BYTES", shape=[-1, -1]),
-           TensorMetadata(name=PROBABILITIES, datatype="FP32", shape=[-1, -1])]
+           TensorMetadata(name=PROBABILITIES, datatype="FP32", shape=[-1, -1]),
+           TensorMetadata(name=DISPLAY, datatype="BYTES", shape=[-1, -1]),
+           TensorMetadata(name=CORRECTION, datatype="BOOL", shape=[-1, -1])]
+DATATYPES = {o.name: o.datatype for o in OUTPUTS}
 MAX_SEQUENCE_ID_CHARS = 256
 _ERROR = {"content": {"application/json": {"example": {"error": "model 'x' is not loaded"}}}}
 
@@ -116,7 +125,8 @@ def _metadata(repository: ModelRepository, lv: LoadedVersion, version: str | Non
     else:
         versions = [str(lv.version)]
     return ModelMetadata(name=lv.name, versions=versions, platform=PLATFORM, inputs=INPUTS, outputs=OUTPUTS,
-                         parameters={"k": {"default": KSERVE_DEFAULT_K, "max": KSERVE_MAX_K}})
+                         parameters={"k": {"default": KSERVE_DEFAULT_K, "max": KSERVE_MAX_K},
+                                     "filter": {"default": True}, "corrections": {"default": True}})
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses={404: _ERROR})
@@ -237,6 +247,17 @@ def _k(request_doc: InferRequest) -> int:
     return k
 
 
+def _options(request_doc: InferRequest) -> SuggestOptions:
+    params = request_doc.parameters or {}
+    values = {}
+    for name in ("filter", "corrections"):
+        value = params.get(name, True)
+        if not isinstance(value, bool):
+            raise KServeInputError(f"parameter {name} must be a boolean")
+        values[name] = value
+    return SuggestOptions(**values)
+
+
 @dataclass(frozen=True)
 class SequenceStep:
     id: int | str
@@ -280,15 +301,16 @@ _GONE = (SessionNotFoundError, SessionExpiredError)
 
 
 async def _sequence_step(sessions: SessionManager, lv: LoadedVersion, step: SequenceStep, text: str,
-                         k: int, owner: str) -> SessionResult:
+                         k: int, owner: str, options: SuggestOptions) -> SessionResult:
     sid = await sequence_session_id(sessions, lv.name, step.id, owner)
     if step.start:
         with contextlib.suppress(*_GONE):  # a restart replaces the old sequence
             await sessions.delete(sid)
-        result = await sessions.create(lv.name, lv.version, text, k, session_id=sid, owner=owner)
+        result = await sessions.create(lv.name, lv.version, text, k, session_id=sid, owner=owner, options=options)
     else:
         try:
-            result = await sessions.update(sid, text=text, k=k, transport="kserve", owner=owner)
+            result = await sessions.update(sid, text=text, k=k, transport="kserve", owner=owner,
+                                           filter=options.filter, corrections=options.corrections)
         except _GONE:
             raise KServeInputError(
                 f"sequence {step.id!r} is not active for model {lv.name!r}: start it with sequence_start=true "
@@ -308,8 +330,8 @@ def _wanted_outputs(request_doc: InferRequest) -> list[tuple[str, bool]]:
     wanted = []
     for out in request_doc.outputs:
         params = out.parameters or {}
-        if out.name not in (WORDS, PROBABILITIES):
-            raise KServeInputError(f"unknown output {out.name!r}; the outputs are {WORDS!r} and {PROBABILITIES!r}")
+        if out.name not in DATATYPES:
+            raise KServeInputError(f"unknown output {out.name!r}; the outputs are {', '.join(DATATYPES)}")
         if params.get("classification"):
             raise KServeInputError("classification outputs are not supported")
         if "shared_memory_region" in params:
@@ -338,6 +360,7 @@ async def _infer(request: Request, name: str, version: str | None, predictor: Pr
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise KServeInputError(f"invalid inference request: {where}: {first.get('msg')}") from None
     k = _k(request_doc)
+    options = _options(request_doc)
     sequence = _sequence(request_doc)
     wanted = _wanted_outputs(request_doc)
     texts = _texts(request_doc, binary)
@@ -351,33 +374,46 @@ async def _infer(request: Request, name: str, version: str | None, predictor: Pr
     if sequence is not None:
         if len(texts) != 1:
             raise KServeInputError(f"a sequence request carries exactly one text (shape [1]), got {len(texts)}")
-        step = await _sequence_step(sessions, lv, sequence, texts[0], k, principal(request.scope))
+        step = await _sequence_step(sessions, lv, sequence, texts[0], k, principal(request.scope), options)
         predictions, served = [step], step.record.version
     elif texts:
         predictions = await predictor.predict_many(
-            [PredictQuery(t, k, lv.name, pinned) for t in texts], item_field=request_doc.inputs[0].name
+            [PredictQuery(t, k, lv.name, pinned, options=options) for t in texts],
+            item_field=request_doc.inputs[0].name,
         )
         served = predictions[0].version
     else:
         predictions = []
-    words = [[c.word for c in p.candidates] + [""] * (k - len(p.candidates)) for p in predictions]
     probs = np.zeros((len(texts), k), dtype=np.float32)
+    fixes = np.zeros((len(texts), k), dtype=bool)
     for i, p in enumerate(predictions):
         probs[i, : len(p.candidates)] = [c.probability for c in p.candidates]
-    flat_words = [w for row in words for w in row]
+        fixes[i, : len(p.candidates)] = [c.correction for c in p.candidates]
+
+    def strings(attr: str) -> list[str]:
+        padded = ([getattr(c, attr) for c in p.candidates] + [""] * (k - len(p.candidates)) for p in predictions)
+        return [s for row in padded for s in row]
+
     outputs: list[InferOutputTensor] = []
     chunks: list[bytes] = []
     for out_name, as_binary in wanted:
         shape = [len(texts), k]
-        datatype = "BYTES" if out_name == WORDS else "FP32"
+        datatype = DATATYPES[out_name]
+        if out_name in (WORDS, DISPLAY):
+            values: list[Any] = strings("word" if out_name == WORDS else "display")
+            raw = _encode_bytes_tensor(values) if as_binary else b""
+        elif out_name == PROBABILITIES:
+            values = [float(x) for x in probs.reshape(-1)]
+            raw = probs.astype("<f4").tobytes()
+        else:
+            values = [bool(x) for x in fixes.reshape(-1)]
+            raw = fixes.astype(np.uint8).tobytes()  # BOOL: one byte per element
         if as_binary:
-            raw = _encode_bytes_tensor(flat_words) if out_name == WORDS else probs.astype("<f4").tobytes()
             chunks.append(raw)
             outputs.append(InferOutputTensor(name=out_name, shape=shape, datatype=datatype,
                                              parameters={"binary_data_size": len(raw)}))
         else:
-            data = flat_words if out_name == WORDS else [float(x) for x in probs.reshape(-1)]
-            outputs.append(InferOutputTensor(name=out_name, shape=shape, datatype=datatype, data=data))
+            outputs.append(InferOutputTensor(name=out_name, shape=shape, datatype=datatype, data=values))
     response = InferResponse(model_name=lv.name, model_version=str(served), id=request_doc.id, outputs=outputs)
     header = response.model_dump_json(exclude_none=True).encode("utf-8")
     if not chunks:

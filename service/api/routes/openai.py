@@ -185,7 +185,7 @@ def _params(body: CompletionRequest, max_words_limit: int) -> tuple[GenerationPa
         max_words=max_tokens, strategy=SAMPLE, temperature=temperature,
         top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, n=best_of, stop=stop,
         logprobs=body.logprobs or 0, frequency_penalty=body.frequency_penalty or 0.0,
-        presence_penalty=body.presence_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0, filter=body.filter is not False,
     )
     return params, n
 

@@ -18,7 +18,7 @@ from service.api.protocol.native import (
     WordProbability,
     WordScore,
 )
-from service.engine import Prediction, PredictQuery
+from service.engine import Candidate, Prediction, PredictQuery, SuggestOptions
 
 router = APIRouter(prefix="/v1", tags=["prediction"], route_class=CheckedRoute)
 
@@ -42,23 +42,31 @@ def to_response(p: Prediction) -> PredictResponse:
     return PredictResponse(
         model=p.model, version=p.version, prefix=p.prefix, prefix_probability=p.prefix_probability,
         matches=p.matches, context_words=p.context_words, truncated=p.truncated,
-        predictions=[
-            WordProbability(word=c.word, probability=c.probability, log_prob=c.log_prob) for c in p.candidates
-        ],
+        predictions=[word_probability(c) for c in p.candidates],
     )
+
+
+def word_probability(c: Candidate) -> WordProbability:
+    return WordProbability(word=c.word, display=c.display, probability=c.probability, log_prob=c.log_prob,
+                           correction=c.correction)
+
+
+def options_of(body: PredictRequest) -> SuggestOptions:
+    return SuggestOptions(filter=body.filter, corrections=body.corrections)
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS)
 async def predict(body: PredictRequest, predictor: PredictorDep) -> Response:
     """The k most likely next words (or completions of the word being typed)."""
-    return serialized(to_response(await predictor.predict(body.text, body.k, body.model, body.version, body.learn)))
+    return serialized(to_response(await predictor.predict(body.text, body.k, body.model, body.version, body.learn,
+                                                          options_of(body))))
 
 
 @router.post("/predict/batch", response_model=BatchPredictResponse, responses=_ERRORS)
 async def predict_batch(body: BatchPredictRequest, predictor: PredictorDep, settings: SettingsDep) -> Response:
     """Many predictions in one call; items for the same model version share onnxruntime batches."""
     check_batch_items(len(body.items), settings, "items", "items")
-    queries = [PredictQuery(i.text, i.k, i.model, i.version, i.learn) for i in body.items]
+    queries = [PredictQuery(i.text, i.k, i.model, i.version, i.learn, options_of(i)) for i in body.items]
     return serialized(BatchPredictResponse(results=[to_response(p) for p in await predictor.predict_many(queries)]))
 
 

@@ -7,7 +7,8 @@ WebSocket protocol (JSON text frames):
   reconnect with). ``/v1/sessions/{session_id}/stream`` continues one; its first message is
   ``{"type": "session", ...SessionInfo}``.
 * The client sends ``{"seq": n, "text": "..."}`` and/or ``{"seq": n, "replace_pending": "..."}``
-  (optional ``k``); each is answered in order by ``{"type": "predictions", "seq": n, ...}``.
+  (optional ``k``, ``learn``, ``filter``, ``corrections``); each is answered in order by
+  ``{"type": "predictions", "seq": n, ...}``.
 * A bad message is answered ``{"type": "error", "seq": n|null, "status": <HTTP status>,
   "error": {"type", "message", "field"}}`` (the HTTP error body) and the socket stays open. If the
   session is gone (deleted, expired) the error is followed by close code 1008; a stream that
@@ -32,7 +33,7 @@ from service.api.access import principal
 from service.api.body import CheckedRoute, json_too_deep
 from service.api.deps import SessionsDep
 from service.api.errors import error_body
-from service.api.protocol.native import MAX_K, ErrorResponse, WordProbability
+from service.api.protocol.native import MAX_K, ErrorResponse
 from service.api.protocol.sessions import (
     SessionCreateRequest,
     SessionInfo,
@@ -41,7 +42,9 @@ from service.api.protocol.sessions import (
     StreamMessage,
     StreamOpenQuery,
 )
+from service.api.routes.predict import word_probability
 from service.api.shutdown import SERVICE_RESTART, Drain, StreamClosing
+from service.engine import SuggestOptions
 from service.sessions import SessionManager, SessionRecord, SessionResult
 from service.sessions.errors import SessionError, SessionExpiredError, SessionNotFoundError
 
@@ -70,7 +73,8 @@ def info_of(record: SessionRecord) -> SessionInfo:
     return SessionInfo(
         session_id=record.id, model=record.model, version=record.version, committed_words=record.committed,
         context_words=record.context, pending=record.pending, k=record.k, learn=record.learn, rotate=record.rotate,
-        ttl_seconds=record.ttl, created=record.created, last_used=record.last_used, expires_at=record.expires_at,
+        filter=record.filter, corrections=record.corrections, ttl_seconds=record.ttl,
+        created=record.created, last_used=record.last_used, expires_at=record.expires_at,
     )
 
 
@@ -78,8 +82,7 @@ def predictions_of(result: SessionResult) -> SessionPredictions:
     record = result.record
     return SessionPredictions(
         session_id=record.id, model=record.model, version=record.version,
-        predictions=[WordProbability(word=c.word, probability=c.probability, log_prob=c.log_prob)
-                     for c in result.candidates],
+        predictions=[word_probability(c) for c in result.candidates],
         prefix=result.prefix, prefix_probability=result.prefix_probability, matches=result.matches,
         context_words=result.context_words, committed_words=record.committed, pending=record.pending,
         rebuilt=result.rebuilt, expires_at=record.expires_at,
@@ -93,8 +96,8 @@ def predictions_body(result: SessionResult) -> dict[str, Any]:
     record = result.record
     return {
         "session_id": record.id, "model": record.model, "version": record.version,
-        "predictions": [{"word": c.word, "probability": c.probability, "log_prob": c.log_prob}
-                        for c in result.candidates],
+        "predictions": [{"word": c.word, "display": c.display, "probability": c.probability,
+                         "log_prob": c.log_prob, "correction": c.correction} for c in result.candidates],
         "prefix": result.prefix, "prefix_probability": result.prefix_probability, "matches": result.matches,
         "context_words": result.context_words, "committed_words": record.committed, "pending": record.pending,
         "rebuilt": result.rebuilt, "expires_at": record.expires_at,
@@ -113,7 +116,8 @@ def _json(value: Any) -> str:
 async def create_session(body: SessionCreateRequest, sessions: SessionsDep, request: Request) -> SessionPredictions:
     """Open a session (optionally with initial text) and predict the next word."""
     result = await sessions.create(body.model, body.version, body.text, body.k, body.ttl_seconds,
-                                   learn=body.learn, rotate=body.rotate, owner=principal(request.scope))
+                                   learn=body.learn, rotate=body.rotate, owner=principal(request.scope),
+                                   options=SuggestOptions(body.filter, body.corrections))
     return predictions_of(result)
 
 
@@ -124,7 +128,7 @@ async def append_text(session_id: str, body: SessionUpdateRequest, sessions: Ses
     Only words followed by whitespace are committed to the recurrent state; the trailing fragment
     stays pending (a prefix to complete) until whitespace or punctuation completes it."""
     result = await sessions.update(session_id, body.text, body.replace_pending, body.k, learn=body.learn,
-                                   owner=principal(request.scope))
+                                   owner=principal(request.scope), filter=body.filter, corrections=body.corrections)
     return Response(_json(predictions_body(result)).encode(), media_type="application/json")
 
 
@@ -171,7 +175,8 @@ async def stream_new_session(websocket: WebSocket) -> None:
     try:
         query = StreamOpenQuery.model_validate(dict(websocket.query_params))
         result = await sessions.create(query.model, query.version, query.text, query.k, query.ttl_seconds,
-                                       learn=query.learn, rotate=query.rotate, owner=principal(websocket.scope))
+                                       learn=query.learn, rotate=query.rotate, owner=principal(websocket.scope),
+                                       options=SuggestOptions(query.filter, query.corrections))
     except Exception as exc:
         await _refuse(websocket, exc)
         return
@@ -226,10 +231,11 @@ async def _serve(websocket: WebSocket, sessions: SessionManager, record: Session
                 fields = _common_message(data)
                 if fields is None:
                     parsed = StreamMessage.model_validate(data)
-                    fields = (parsed.text, parsed.replace_pending, parsed.k, parsed.learn)
-                text, replace, k, learn = fields
+                    fields = (parsed.text, parsed.replace_pending, parsed.k, parsed.learn, parsed.filter,
+                              parsed.corrections)
+                text, replace, k, learn, filter_, corrections = fields
                 result = await sessions.update(session_id, text, replace, k, transport="websocket", learn=learn,
-                                               owner=record.owner)
+                                               owner=record.owner, filter=filter_, corrections=corrections)
             except (SessionNotFoundError, SessionExpiredError) as exc:
                 await _send_error(websocket, exc, seq)
                 await websocket.close(SESSION_GONE_CLOSE, reason=exc.type)
@@ -262,9 +268,12 @@ def _message_data(message: dict[str, Any]) -> dict[str, Any]:
 _MESSAGE_FIELDS = frozenset(StreamMessage.model_fields)
 
 
-def _common_message(data: dict[str, Any]) -> tuple[str | None, str | None, int | None, bool] | None:
-    """``(text, replace_pending, k, learn)`` of a message that ``StreamMessage`` would accept unchanged
-    (exact JSON types, known fields, ``k`` in range), else None."""
+def _common_message(
+    data: dict[str, Any],
+) -> tuple[str | None, str | None, int | None, bool, bool | None, bool | None] | None:
+    """``(text, replace_pending, k, learn, filter, corrections)`` of a message that
+    ``StreamMessage`` would accept unchanged (exact JSON types, known fields, ``k`` in range),
+    else None."""
     if type(data.get("seq")) is not int or not _MESSAGE_FIELDS.issuperset(data):
         return None
     text, replace, k = data.get("text"), data.get("replace_pending"), data.get("k")
@@ -275,7 +284,10 @@ def _common_message(data: dict[str, Any]) -> tuple[str | None, str | None, int |
     learn = data.get("learn", True)
     if type(learn) is not bool:
         return None
-    return text, replace, k, learn
+    filter_, corrections = data.get("filter"), data.get("corrections")
+    if any(flag is not None and type(flag) is not bool for flag in (filter_, corrections)):
+        return None
+    return text, replace, k, learn, filter_, corrections
 
 
 class _MessageError(SessionError):

@@ -1,0 +1,127 @@
+"""From one next-word row to the suggestions a keyboard shows: top-k (with prefix completion), the
+blocklist, typo corrections and the written form of each word.
+
+Everything here works on a given log-prob row and the text's keyboard split, whatever computed the
+row (a stateless read, a session's step, a cached distribution), and none of it runs the model.
+
+Probabilities: without corrections in the answer they are exactly as before (renormalised over
+the eligible words matching the prefix). When corrections enter the top ``k`` every suggestion's
+probability is the posterior over what the fragment may stand for, P(w | context, fragment) ∝
+P_model(w | context) · P(fragment | w) over the prefix matches (no error) and all correction
+candidates (one error; see :mod:`service.engine.correct`).
+
+The row may be an adapted one (:class:`~service.engine.cache_lm.AdaptedRow`: the cache language
+model mixed in, and the text's new words beside the vocabulary). New words take part in the top
+``k`` and the blocklist like vocabulary words; they are never corrections, and having no casing
+statistics they are written as typed (lowercase, capitalised only at a sentence start or after a
+capitalised fragment).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.engine.cache_lm import AdaptedRow, Selection, select_words
+from service.engine.correct import LOG_NO_ERROR
+from service.engine.truecase import starts_sentence, typed_fragment, write_as
+
+if TYPE_CHECKING:
+    from nextword.text import SplitText
+    from service.engine.repository import LoadedVersion
+
+
+@dataclass(frozen=True)
+class Candidate:
+    word: str  # the model word (lowercase), or a new word as typed
+    id: int  # -1 for a new word (outside the vocabulary)
+    log_prob: float
+    probability: float
+    display: str = ""  # how to write it here (the model word when the version has no casing)
+    correction: bool = False  # offered as a correction of a mistyped fragment
+
+    def __post_init__(self) -> None:
+        if not self.display:
+            object.__setattr__(self, "display", self.word)
+
+
+@dataclass(frozen=True)
+class SuggestOptions:
+    """Per-request switches (each also off service-wide by its setting)."""
+
+    filter: bool = True  # leave out blocklisted words
+    corrections: bool = True  # offer corrections of a mistyped fragment
+
+
+@dataclass(frozen=True)
+class Writing:
+    """What the writer's text says about how the next word is written."""
+
+    sentence_start: bool = False
+    typed: str = ""  # the fragment as typed (case kept)
+
+    @classmethod
+    def of(cls, raw: str, split: SplitText, before: list[str] | None = None) -> Writing:
+        """From a text and its split; ``before``: earlier committed words not in ``split`` (a
+        session's recent words)."""
+        return cls(starts_sentence([*(before or ()), *split.context]), typed_fragment(raw, split.prefix))
+
+
+DEFAULT_OPTIONS = SuggestOptions()
+# A correction beside matches of the fragment must be at least this likely to be what was meant.
+MIN_CORRECTION_POSTERIOR = 0.05
+PLAIN = Writing()
+
+
+def select(
+    version: LoadedVersion, row: np.ndarray | AdaptedRow, k: int, prefix: str = "", writing: Writing = PLAIN,
+    options: SuggestOptions = DEFAULT_OPTIONS, exclude: frozenset[str] = frozenset(),
+) -> tuple[list[Candidate], Selection]:
+    """The suggestions for one next-word distribution (a model row or an adapted one): top-k words
+    (completing ``prefix`` when given, skipping ``exclude``: suggestion rotation), merged with
+    corrections of ``prefix`` when they are likelier, each with its written form."""
+    adapted = row if isinstance(row, AdaptedRow) else AdaptedRow(row)
+    top = select_words(version.index, adapted, k, prefix, exclude, filtered=options.filter)
+    chosen: list[tuple[str, int, float, bool]] = [
+        (w, i, lp, False) for w, i, lp in zip(top.words, top.ids, top.log_probs, strict=True)
+    ]
+    corrector = version.corrector if options.corrections else None
+    if prefix and corrector is not None:
+        fixes = corrector.correct(adapted.log_probs, prefix, k + len(exclude), filtered=options.filter)
+        if not fixes.empty:
+            chosen = _merge(chosen, top.mass, version.index.decode(fixes.ids), fixes.ids, fixes.scores,
+                            fixes.log_total, k, exclude)
+    casing = version.casing
+    candidates = []
+    for word, word_id, lp, fix in chosen:
+        if casing is not None and word_id >= 0:
+            display = casing.display(word_id, writing.sentence_start, writing.typed)
+        else:
+            display = write_as(word, writing.sentence_start, writing.typed) if casing is not None else word
+        candidates.append(Candidate(word, word_id, lp, math.exp(lp), display, fix))
+    return candidates, top
+
+
+def _merge(matches: list[tuple[str, int, float, bool]], mass: float, words: list[str], ids: np.ndarray,
+           scores: np.ndarray, log_total: float, k: int,
+           exclude: frozenset[str] = frozenset()) -> list[tuple[str, int, float, bool]]:
+    """Matches and corrections ranked together by P_model · P(fragment | word). A correction must
+    reach a posterior of :data:`MIN_CORRECTION_POSTERIOR` unless nothing matches the fragment, so a
+    short list of good matches is not padded with unlikely guesses. If no correction makes the top
+    ``k`` the matches come back untouched; else all are posteriors. Corrections in ``exclude``
+    (passed over already) are not offered again."""
+    log_matches = (math.log(mass) if mass > 0 else -math.inf) + LOG_NO_ERROR
+    log_z = float(np.logaddexp(log_matches, log_total))
+    floor = log_z + math.log(MIN_CORRECTION_POSTERIOR) if matches else -math.inf
+    # A match's renormalised log-prob plus log(mass) is its model log-prob.
+    joint = [(lp + log_matches, 0, n, word, word_id) for n, (word, word_id, lp, _) in enumerate(matches)]
+    joint += [(float(s), 1, n, w, int(i)) for n, (w, i, s) in enumerate(zip(words, ids, scores, strict=True))
+              if s >= floor and w not in exclude]
+    joint.sort(key=lambda j: (-j[0], j[1], j[2]))
+    best = joint[:k]
+    if not any(kind for _, kind, _, _, _ in best):
+        return matches
+    return [(word, word_id, score - log_z, kind == 1) for score, kind, _, word, word_id in best]
