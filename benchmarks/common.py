@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("runtime", "roofline", "http", "overhead", "sessions", "capacity", "prompt", "training", "keyboard")
+SECTIONS = ("runtime", "roofline", "http", "overhead", "sessions", "capacity", "prompt", "training", "keyboard",
+            "suggest")
 
 
 @dataclass

@@ -208,7 +208,7 @@ def test_typing_in_the_browser(browser: Any, start_server: Callable, tmp_path: P
     driver.execute_script(
         "const t = document.getElementById('text'); t.value = arguments[0];"
         "t.setSelectionRange(t.value.length, t.value.length); t.dispatchEvent(new Event('input'));", long_text)
-    wait_for(driver, lambda d: page_state(d, "sent") == long_text and "states" in chip_words(d), "the long text")
+    wait_for(driver, lambda d: page_state(d, "sent") == long_text and "States" in chip_words(d), "the long text")
     assert len(driver.execute_script("return window.__nextword.socket.url")) < 6500
 
     problems = [e["message"] for e in driver.get_log("browser")
@@ -251,7 +251,7 @@ def test_status_says_when_the_session_was_rebuilt(browser: Any, start_server: Ca
     assert "goes on with version 1" in message(driver)
     box.send_keys("t")
     kept = f"session kept · {shipped.parent.name} v1"
-    wait_for(driver, lambda d: kept in status(d) and "states" in chip_words(d), "the next keystroke")
+    wait_for(driver, lambda d: kept in status(d) and "States" in chip_words(d), "the next keystroke")
 
 
 def test_page_reconnects_after_the_server_restarts(browser: Any, start_server: Callable) -> None:
@@ -267,7 +267,7 @@ def test_page_reconnects_after_the_server_restarts(browser: Any, start_server: C
     assert text_of(driver) == "the united st"
     port = int(first.url.rsplit(":", 1)[1])
     start_server(SHIPPED_MODELS, port=port)
-    wait_for(driver, lambda d: "reconnected" in status(d) and "states" in chip_words(d), "the reconnection", timeout=20)
+    wait_for(driver, lambda d: "reconnected" in status(d) and "States" in chip_words(d), "the reconnection", timeout=20)
     assert not message(driver)
 
 
