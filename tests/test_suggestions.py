@@ -23,7 +23,7 @@ from nextword.casing import CasingError, count_cased, read_casing, usual_form, w
 from nextword.vocab import Vocab
 from service.config import Settings
 from service.engine.blocklist import DEFAULT_BLOCKLIST, blocked_ids, read_blocklist
-from service.engine.correct import Corrector, explain, qwerty_neighbours
+from service.engine.correct import ERROR_LOG_PROB, Corrector, qwerty_neighbours
 from service.engine.suggest import SuggestOptions, Writing, select
 from service.engine.truecase import TrueCase, starts_sentence, typed_fragment, write_as
 from service.engine.vocab_index import VocabIndex
@@ -73,12 +73,20 @@ def test_written_forms() -> None:
 
 
 def test_error_kinds() -> None:
-    assert explain("teh", "the") == ["transpose"]
-    assert explain("thw", "the") == ["substitute_adjacent"]  # w and e are neighbours
-    assert explain("thp", "the") == ["substitute"]
-    assert explain("ocur", "occur") == ["omit_double"] and explain("te", "the") == ["omit"]
-    assert explain("thee", "the") == ["double"] and explain("thre", "the") == ["insert_adjacent"]
-    assert explain("the", "the") == [] and explain("xyz", "the") == []
+    corrector = Corrector(VocabIndex(Vocab([*tiny_vocab().itos, "occur", "thin"])))
+
+    def weight(typed: str, intended: str) -> float | None:
+        return corrector.variants(typed).get(intended)
+
+    assert weight("teh", "the") == ERROR_LOG_PROB["transpose"]
+    assert weight("thw", "the") == ERROR_LOG_PROB["substitute_adjacent"]  # w and e are neighbours
+    assert weight("thp", "the") == ERROR_LOG_PROB["substitute"]
+    assert weight("ocur", "occur") == ERROR_LOG_PROB["omit_double"] and weight("thn", "thin") == ERROR_LOG_PROB["omit"]
+    assert weight("thee", "the") == ERROR_LOG_PROB["double"]
+    assert weight("thre", "the") == ERROR_LOG_PROB["insert_adjacent"]
+    assert weight("thqe", "the") == ERROR_LOG_PROB["insert"]
+    assert "the" not in corrector.variants("the") and corrector.variants("xyz") == {}
+    assert "then" not in corrector.variants("the")  # its own completions are matches, not corrections
     near = qwerty_neighbours()
     assert near["s"] == {"a", "d", "w", "e", "z", "x"} and near["p"] == {"o", "l"}
 

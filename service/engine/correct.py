@@ -13,9 +13,10 @@ and the words that really start with ``f`` score ``log P_model(w | context) + lo
 so corrections enter the suggestions only when the fragment's own matches are few or unlikely.
 
 Cost: no model work (the keystroke's next-word row is reused) and no loop over the vocabulary.
-At load the set of every vocabulary prefix is built; a request enumerates the ~50·len(f) one-edit
-variants of the fragment, keeps those in the prefix set, turns each into a contiguous range of the
-sorted vocabulary (:meth:`VocabIndex.prefix_range`) and scores all ranges with numpy at once.
+At load every vocabulary prefix gets its range in the sorted vocabulary and the letters that
+extend it (a trie in one dict, ~49,000 prefixes for the default model). A request walks the
+fragment down that trie, tries one error at each position using only the letters that extend the
+prefix there, and scores the ranges of the prefixes it reaches with numpy at once.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ ERROR_LOG_PROB = {
     "insert": math.log(0.0009),
 }
 LOG_NO_ERROR = math.log(P_NO_ERROR)
+MAX_ERROR_LOG_PROB = max(ERROR_LOG_PROB.values())
 MIN_FRAGMENT = 2  # one letter is too little to call anything a typo
 MAX_FRAGMENT = 32  # longer fragments are not words being typed; no corrections
 
@@ -95,38 +97,73 @@ NO_CORRECTIONS = Corrections(np.empty(0, np.int64), np.empty(0, np.float64), -ma
 
 
 class Corrector:
-    """Per model version: the prefix set and alphabet of its vocabulary (built at load)."""
+    """Per model version: the prefix trie of its vocabulary (built at load)."""
 
     def __init__(self, index: VocabIndex) -> None:
         self.index = index
-        prefixes: set[str] = set()
-        letters: set[str] = set()
-        for word in index.sorted_words:
+        # Every prefix of a vocabulary word -> (lo, hi, next letters): its range in the sorted
+        # vocabulary and the characters that extend it (a trie flattened into one dict).
+        spans: dict[str, list] = {}
+        for pos, word in enumerate(index.sorted_words):
             if word.startswith("<"):
                 continue
-            letters.update(word)
-            prefixes.update(word[:i] for i in range(1, len(word) + 1))
-        self.prefixes = frozenset(prefixes)
-        # Substituted/omitted characters: letters and the marks that occur inside words.
-        self.alphabet = "".join(sorted(ch for ch in letters if ch.isalpha() or ch in "'-"))
+            for i in range(len(word) + 1):
+                node = spans.get(word[:i])
+                if node is None:
+                    spans[word[:i]] = node = [pos, pos + 1, set()]
+                node[1] = pos + 1
+                if i < len(word):
+                    node[2].add(word[i])
+        # Tried characters: letters and the marks that occur inside words.
+        self.nodes: dict[str, tuple[int, int, str]] = {
+            p: (lo, hi, "".join(sorted(c for c in kids if c.isalpha() or c in "'-")))
+            for p, (lo, hi, kids) in spans.items()
+        }
+
+    @property
+    def prefixes(self) -> int:
+        return len(self.nodes) - 1  # the empty prefix is the root
 
     def variants(self, fragment: str) -> dict[str, float]:
         """Intended prefixes one error away from ``fragment`` that begin some vocabulary word,
-        with the error's log-probability (the likeliest error when several lead to one)."""
-        f, n, alphabet = fragment, len(fragment), self.alphabet
-        # Build every variant as a string first and intersect with the prefix set in one C-level
-        # operation; only the few survivors are classified.
-        subs = {f[:i] + c + f[i + 1:] for i in range(n) for c in alphabet}
-        omits = {f[:i] + c + f[i:] for i in range(n) for c in alphabet}  # at the end: not typed yet
-        extras = {f[:i] + f[i + 1:] for i in range(n)}
-        swaps = {f[:i] + f[i + 1] + f[i] + f[i + 2:] for i in range(n - 1) if f[i] != f[i + 1]}
-        found = (subs | omits | extras | swaps) & self.prefixes
-        found.discard(f)
+        with the error's log-probability (the likeliest error when several lead to one).
+
+        Walks the fragment down the prefix trie: an error at position i needs ``fragment[:i]``
+        to be a prefix, and only the letters that extend it are tried, so the work follows the
+        vocabulary's real branching instead of the alphabet."""
+        f, n, nodes = fragment, len(fragment), self.nodes
         out: dict[str, float] = {}
-        for p in found:
-            if p.startswith(f):
-                continue  # a longer prefix of the fragment: those words are its own matches
-            out[p] = max(ERROR_LOG_PROB[kind] for kind in explain(f, p))
+
+        def offer(p: str, kind: str) -> None:
+            if p in nodes and not p.startswith(f):
+                lp = ERROR_LOG_PROB[kind]
+                if lp > out.get(p, -math.inf):
+                    out[p] = lp
+
+        for i in range(n):
+            head = f[:i]
+            node = nodes.get(head)
+            if node is None:
+                break  # no error past here can give a prefix
+            kids, typed, tail = node[2], f[i], f[i + 1:]
+            near = NEIGHBOURS.get(typed, ())
+            for c in kids:
+                if c != typed:  # f[i] typed for c
+                    offer(head + c + tail, "substitute_adjacent" if c in near else "substitute")
+                # c left out before f[i] (left out at the very end is just not typed yet)
+                offer(head + c + f[i:], "omit_double" if c == typed or (i and c == f[i - 1]) else "omit")
+            # f[i] is an extra key: a repeat, a neighbour of the letter beside it, or any other
+            beside = [f[j] for j in (i - 1, i + 1) if 0 <= j < n]
+            if typed in beside:
+                kind = "double"
+            elif any(typed in NEIGHBOURS.get(b, ()) for b in beside):
+                kind = "insert_adjacent"
+            else:
+                kind = "insert"
+            offer(head + tail, kind)
+            if i + 1 < n and f[i + 1] != typed:
+                offer(head + f[i + 1] + typed + f[i + 2:], "transpose")
+        out.pop("", None)
         return out
 
     def correct(self, row: np.ndarray, fragment: str, k: int, filtered: bool = True) -> Corrections:
@@ -146,8 +183,9 @@ class Corrector:
         # Prefix ranges of a sorted vocabulary nest or are disjoint; give every position the best
         # error weight of the ranges holding it, in sorted-position space.
         weight = np.full(index.size, -np.inf)
+        nodes = self.nodes
         for p, lp in sorted(variants.items(), key=lambda item: item[1]):
-            lo, hi = index.prefix_range(p)
+            lo, hi, _ = nodes[p]
             weight[lo:hi] = np.maximum(weight[lo:hi], lp)
         flo, fhi = index.prefix_range(fragment)
         weight[flo:fhi] = -np.inf  # the fragment's own matches are not corrections
@@ -155,7 +193,7 @@ class Corrector:
         ids = index.sorted_ids[positions]
         allowed = index.eligible(filtered)[0][ids]
         ids, positions = ids[allowed], positions[allowed]
-        scores = np.asarray(row, dtype=np.float64)[ids] + weight[positions]
+        scores = np.asarray(row)[ids].astype(np.float64) + weight[positions]
         finite = np.isfinite(scores)
         if not finite.all():
             ids, scores = ids[finite], scores[finite]
@@ -185,34 +223,3 @@ class Corrector:
             if self._eligible_outside(fragment[:j], fragment, filtered):
                 return {fragment[:j]: ERROR_LOG_PROB["insert"] * (len(fragment) - j)}
         return {}
-
-
-def explain(typed: str, intended: str) -> list[str]:
-    """The kinds of single error that turn ``intended`` into ``typed`` (empty if none does)."""
-    kinds: list[str] = []
-    n, m = len(typed), len(intended)
-    i = 0
-    while i < min(n, m) and typed[i] == intended[i]:
-        i += 1
-    if typed == intended:
-        return kinds
-    if n == m:
-        if typed[i + 1:] == intended[i + 1:]:
-            kinds.append("substitute_adjacent" if _adjacent(intended[i], typed[i]) else "substitute")
-        swapped = i + 1 < n and typed[i] == intended[i + 1] and typed[i + 1] == intended[i]
-        if swapped and typed[i + 2:] == intended[i + 2:]:
-            kinds.append("transpose")
-    elif m == n + 1 and typed[i:] == intended[i + 1:]:
-        c = intended[i]
-        # Left out: the first of a run of the same letter may be any of them ("ocur"/"occur").
-        doubled = (i and intended[i - 1] == c) or (i + 1 < m and intended[i + 1] == c)
-        kinds.append("omit_double" if doubled else "omit")
-    elif n == m + 1 and typed[i + 1:] == intended[i:]:
-        x = typed[i]
-        if (i and typed[i - 1] == x) or (i + 1 < n and typed[i + 1] == x):
-            kinds.append("double")
-        elif (i and _adjacent(typed[i - 1], x)) or (i + 1 < n and _adjacent(typed[i + 1], x)):
-            kinds.append("insert_adjacent")
-        else:
-            kinds.append("insert")
-    return kinds

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.engine.cache_lm import AdaptedRow, Selection, select_words
-from service.engine.correct import LOG_NO_ERROR
+from service.engine.correct import LOG_NO_ERROR, MAX_ERROR_LOG_PROB
 from service.engine.truecase import starts_sentence, typed_fragment, write_as
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def select(
         (w, i, lp, False) for w, i, lp in zip(top.words, top.ids, top.log_probs, strict=True)
     ]
     corrector = version.corrector if options.corrections else None
-    if prefix and corrector is not None:
+    if prefix and corrector is not None and not _out_of_reach(adapted.log_probs, top, k):
         fixes = corrector.correct(adapted.log_probs, prefix, k + len(exclude), filtered=options.filter)
         if not fixes.empty:
             chosen = _merge(chosen, top.mass, version.index.decode(fixes.ids), fixes.ids, fixes.scores,
@@ -104,6 +104,19 @@ def select(
             display = write_as(word, writing.sentence_start, writing.typed) if casing is not None else word
         candidates.append(Candidate(word, word_id, lp, math.exp(lp), display, fix))
     return candidates, top
+
+
+def _out_of_reach(row: np.ndarray, top: Selection, k: int) -> bool:
+    """Whether no correction could enter the answer, judged from the best word of the whole row:
+    most keystrokes (a fragment with enough likely completions) then skip the correction index."""
+    if top.mass <= 0:
+        return False
+    ceiling = float(np.max(row)) + MAX_ERROR_LOG_PROB  # no correction scores above this
+    log_matches = math.log(top.mass) + LOG_NO_ERROR
+    if ceiling < log_matches + math.log(MIN_CORRECTION_POSTERIOR):
+        return True
+    # The k-th match, at its model log-prob: a correction only ties it at best, and ties go to matches.
+    return len(top.ids) >= k and top.log_probs[k - 1] + log_matches >= ceiling
 
 
 def _merge(matches: list[tuple[str, int, float, bool]], mass: float, words: list[str], ids: np.ndarray,
