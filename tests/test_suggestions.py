@@ -157,6 +157,35 @@ def test_written_forms_in_selection() -> None:
     assert [c.display for c in select(lv, row, 1, "u.", Writing(False, "u."))[0]] == ["U.S."]
 
 
+def test_new_words_go_through_the_same_selection() -> None:
+    """The cache language model's new words (outside the vocabulary) rank among the matches, are
+    filtered by the blocklist, are never corrections, and are written as typed (no statistics)."""
+    from service.engine.cache_lm import AdaptedRow
+
+    vocab = tiny_vocab()
+    lv = _version(vocab, casing={"brown": "Brown"})
+    lv.index = VocabIndex(vocab, blocked_ids(vocab, ["the"]), frozenset({"the", "zorbfuck"}))
+    lv.corrector = Corrector(lv.index)
+    row = AdaptedRow(_row(vocab), ("zorblat", "zorbfuck"), np.log([0.2, 0.2]))
+    offered = select(lv, row, 5, "zo")[0]
+    assert [(c.word, c.id, c.display, c.correction) for c in offered][0] == ("zorblat", -1, "zorblat", False)
+    assert "zorbfuck" not in {c.word for c in offered}
+    assert "zorbfuck" in {c.word for c in select(lv, row, 5, "zo", options=SuggestOptions(filter=False))[0]}
+    assert select(lv, row, 1, "zo", Writing(True, "zo"))[0][0].display == "Zorblat"
+    assert select(lv, row, 1, "zo", Writing(False, "ZO"))[0][0].display == "ZORBLAT"
+    assert "zorbfuck" not in {c.word for c in select(lv, row, 50)[0]}
+
+
+def test_rotation_leaves_out_corrections_passed_over() -> None:
+    vocab = tiny_vocab()
+    lv = _version(vocab)
+    row = _row(vocab, {"the": 3.0})
+    first = [c.word for c in select(lv, row, 3, "teh")[0]]
+    assert first[0] == "the"
+    rotated = [c.word for c in select(lv, row, 3, "teh", exclude=frozenset(first))[0]]
+    assert rotated and not set(rotated) & set(first)
+
+
 # --- the service end to end ------------------------------------------------------------------------
 
 BLOCKED = ["the", "then", "there", "their", "they", "quick"]
@@ -202,6 +231,23 @@ def test_casing_command_writes_a_checksummed_file(cased_repository: Path) -> Non
     assert A.read_card(cased_repository / "tiny" / "1").casing_file is None
 
 
+def test_casing_command_rewrites_a_lost_or_stale_casing_file(cased_repository: Path, tmp_path: Path) -> None:
+    from training.cli import main
+
+    version = tmp_path / "2"
+    shutil.copytree(cased_repository / "tiny" / "2", version)
+    expected = (version / A.CASING_FILE).read_bytes()
+    (version / A.CASING_FILE).unlink()  # listed in model.json, but gone: counted again
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text(CORPUS)
+    assert main(["casing", "--model", str(version), "--corpus", str(corpus), "--corpus-format", "text"]) == 0
+    assert (version / A.CASING_FILE).read_bytes() == expected
+    A.verify_files(version, A.read_card(version))
+    (version / "vocab.txt").write_text("changed\n")  # any other file must still be intact
+    assert main(["casing", "--model", str(version), "--corpus", str(corpus), "--corpus-format", "text"]) == 2
+
+
 def _predict(client: TestClient, text: str, **extra) -> list[dict]:
     r = client.post("/v1/predict", json={"text": text, "model": "tiny", "k": 100, **extra})
     assert r.status_code == 200, r.text
@@ -241,6 +287,28 @@ def test_corrections_in_predict(client: TestClient) -> None:
     assert fixed and all(p["correction"] for p in fixed) and {p["word"] for p in fixed} >= {"quiet", "quite"}
     assert _predict(client, "a fox saw qiu", corrections=False) == []
     assert not any(p["correction"] for p in _predict(client, "a fox saw qu"))
+
+
+def test_corrections_cost_no_model_work(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A correction reuses the keystroke's row: a request with corrections submits the same one row
+    as without, and a session keystroke inside a word (answered from its cached row) none."""
+    lv = client.app.state.engine.repository.resolve("tiny", None)
+    rows: list[int] = []
+    run_many = lv.batcher.run_many
+
+    async def counting(items, *args, **kwargs):  # type: ignore[no-untyped-def]
+        rows.append(len(items))
+        return await run_many(items, *args, **kwargs)
+
+    monkeypatch.setattr(lv.batcher, "run_many", counting)
+    assert all(p["correction"] for p in _predict(client, "a fox saw qiu"))
+    _predict(client, "a fox saw qiu", corrections=False)
+    assert rows == [1, 1]
+    sid = client.post("/v1/sessions", json={"model": "tiny", "text": "a fox saw "}).json()["session_id"]
+    rows.clear()
+    body = client.post(f"/v1/sessions/{sid}/text", json={"text": "qiu"}).json()
+    assert body["predictions"] and all(p["correction"] for p in body["predictions"])
+    assert rows == []
 
 
 def test_corrections_setting_off(cased_repository: Path) -> None:

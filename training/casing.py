@@ -7,6 +7,7 @@ existing version; ``nextword-train export`` writes them with every new version i
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from nextword import artifact as A
@@ -30,13 +31,16 @@ def add_casing(model_dir: str | Path, corpus: str | Path, fmt: str = "brown") ->
     the new file's checksum; the service reloads the version when it next scans)."""
     model_dir = Path(model_dir)
     card = A.read_card(model_dir)
-    A.verify_files(model_dir, card)
+    # Every other file must be intact; the casing file itself is being replaced (or was lost).
+    others = dataclasses.replace(card, casing_file=None,
+                                 files={n: h for n, h in card.files.items() if n != A.CASING_FILE})
+    A.verify_files(model_dir, others)
     vocab = Vocab.load(model_dir / card.vocab_file)
     counts = corpus_casing(corpus, fmt)
     tmp = model_dir / f".{A.CASING_FILE}.tmp"
     write_casing(tmp, counts, vocab.itos)
     tmp.replace(model_dir / A.CASING_FILE)
     card.casing_file = A.CASING_FILE
-    card.training.setdefault("casing", {"corpus": str(corpus), "format": fmt, "split": "train"})
+    card.training["casing"] = {"corpus": str(corpus), "format": fmt, "split": "train"}
     A.write_card(model_dir, card)
     return model_dir / A.CASING_FILE

@@ -4,7 +4,8 @@ Public API for features built on top (sessions, generation)::
 
     engine.repository.resolve(name, version) -> LoadedVersion          # card, vocab, index, batcher
     await lv.batcher.run(WorkItem(tokens, state=..., want_state=True)) -> WorkResult
-    select(lv, result.log_probs, k, prefix, writing, options) -> (candidates, TopK)
+    select(lv, row, k, prefix, writing, options, exclude) -> (candidates, Selection)
+        # row: result.log_probs or predictor.adapt_row(...) (the cache LM mixed in, new words);
         # top-k + prefix completion, blocklist, corrections, written forms (service.engine.suggest)
 """
 
