@@ -7,7 +7,9 @@ a letter inserted (a neighbour of the letter beside it, or a repeat of it); the 
 often, and never a typo that leaves a prefix of the intended word (that is a word not finished
 yet, not a typo). The model's next-word row at the position comes from the predict graph on the
 preceding words (up to :data:`WINDOW`, from ``<eos>`` and zero state, as ``/v1/predict`` reads a
-text), and the fragment goes through the service's own selection (``service.engine.suggest``):
+text), mixed with the version's fitted cache over those same words (``service/engine/cache_lm.py``,
+as ``/v1/predict`` adapts to that text; a version without a cache section is used as is), and the
+fragment goes through the service's own selection (``service.engine.suggest``):
 the figure is the share of cases where the intended word is the first suggestion, and where it is
 among the first three. The same words typed correctly show what corrections cost a writer who
 made no typo (how often the intended word is still first). The context-free baseline ranks
@@ -34,6 +36,7 @@ WINDOW = 32  # preceding words read for each sampled position
 KINDS = ("substitute", "transpose", "delete", "insert")
 CORPUS = "../shared/data/brown"
 TARGET_CPU_MS = 2.0
+NEW_WORD_MIN_COUNT = 2  # the service's default (NEXTWORD_NEW_WORD_MIN_COUNT)
 
 
 def make_typo(word: str, kind: str, rng: np.random.Generator) -> str | None:
@@ -123,13 +126,15 @@ def _rows(ctx: Context, vocab: Any, contexts: list[list[str]]) -> np.ndarray:
 def run_suggest(ctx: Context) -> list[Row]:
     from nextword.vocab import Vocab
     from service.engine.blocklist import DEFAULT_BLOCKLIST, blocked_ids, read_blocklist
+    from service.engine.cache_lm import CacheParams, adapt
     from service.engine.correct import Corrector
     from service.engine.suggest import SuggestOptions, Writing, select
     from service.engine.vocab_index import VocabIndex
 
     card = ctx.card
     vocab = Vocab.load(ctx.model_dir / card.vocab_file)
-    index = VocabIndex(vocab, blocked_ids(vocab, read_blocklist(DEFAULT_BLOCKLIST)))
+    listed = read_blocklist(DEFAULT_BLOCKLIST)
+    index = VocabIndex(vocab, blocked_ids(vocab, listed), listed)
     start = time.perf_counter()
     corrector = Corrector(index)
     build_ms = (time.perf_counter() - start) * 1e3
@@ -149,6 +154,9 @@ def run_suggest(ctx: Context) -> list[Row]:
                 cases.append((n, kind, typed, word))
                 break
     rows = _rows(ctx, vocab, [samples[n][0] for n, *_ in cases])
+    params = CacheParams.from_card(card.cache)
+    adapted = [adapt(row, samples[n][0], vocab.encode(samples[n][0]), params, vocab.unk_id, NEW_WORD_MIN_COUNT)
+               for (n, *_), row in zip(cases, rows, strict=True)]
 
     on, off = SuggestOptions(), SuggestOptions(corrections=False)
     hits = {"model": [0, 0], "baseline": [0, 0]}
@@ -159,7 +167,7 @@ def run_suggest(ctx: Context) -> list[Row]:
     key_on: list[float] = []  # a keystroke inside the same word typed correctly
     key_off: list[float] = []
     clock = time.thread_time
-    for (_, kind, typed, word), row in zip(cases, rows, strict=True):
+    for (_, kind, typed, word), row in zip(cases, adapted, strict=True):
         t0 = clock()
         chosen, _ = select(version, row, 3, typed, Writing(), on)
         t1 = clock()
@@ -196,6 +204,7 @@ def run_suggest(ctx: Context) -> list[Row]:
     kinds = ", ".join(f"{k} {100 * v[1] / max(v[0], 1):.0f}% vs {100 * v[2] / max(v[0], 1):.0f}%"
                       for k, v in by_kind.items())
     details = {"cases": total, "window_words": WINDOW, "corpus": CORPUS, "split": "test", "seed": ctx.seed,
+               "cache": params is not None,
                "by_kind": {k: {"cases": v[0], "model_top1": v[1], "baseline_top1": v[2]} for k, v in by_kind.items()},
                "hits": hits}
     ms_on = [1e3 * x for x in cpu_on]

@@ -225,3 +225,56 @@ def test_readme_rows_of_some_sections_are_replaced_in_place() -> None:
     assert merged.startswith("Measured by the full run.\n\nRows of `keyboard` measured by `python -m benchmarks")
     assert "2 of 2 targets met." in merged
     assert merge_sections(merged, meta, new, ["keyboard"], SECTIONS) == merged
+
+
+def test_suggest_typos_and_the_edit_distance_baseline() -> None:
+    """The synthetic typos are one keyboard error of their kind and never a prefix of the word;
+    the baseline ranks the typed word itself, then words one edit away in frequency order."""
+    from benchmarks.suggest import KINDS, baseline, make_typo
+    from service.engine.correct import NEIGHBOURS
+    from service.engine.vocab_index import VocabIndex
+
+    rng = np.random.default_rng(0)
+    for word in ["president", "occur", "states", "the"]:
+        for kind in KINDS:
+            typed = make_typo(word, kind, rng)
+            assert typed is not None and typed != word
+            if kind == "substitute":
+                (i,) = [j for j in range(len(word)) if typed[j] != word[j]]
+                assert typed[i] in NEIGHBOURS[word[i]]
+            elif kind == "transpose":
+                assert sorted(typed) == sorted(word) and len(typed) == len(word)
+            elif kind == "delete":
+                assert len(typed) == len(word) - 1 and not word.startswith(typed)
+            else:
+                assert len(typed) == len(word) + 1
+    vocab = Vocab(["<unk>", "<eos>", "the", "then", "they", "tea", "teh"])
+    index = VocabIndex(vocab)
+    assert vocab.decode(baseline("teh", index, 3)) == ["teh", "the", "tea"]
+    assert vocab.decode(baseline("thq", index, 3)) == ["the"]
+
+
+BROWN = ROOT.parent / "shared" / "data" / "brown"
+COMMON_WORDS = ("the and that was for with his had are not but from have this which they she were her you all one "
+                "been their has would there when who will more out them into its said than can only other some what "
+                "could time these two may then first any like").split()
+
+
+@pytest.mark.skipif(not BROWN.is_dir(), reason=f"the Brown corpus is not at {BROWN}")
+def test_quick_suggest_benchmark_smoke(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vocab = Vocab([*SPECIAL_TOKENS, *COMMON_WORDS])
+    model = LanguageModel(ModelConfig(vocab_size=len(vocab), cell="lstm", embedding_size=8, hidden_size=8,
+                                      num_layers=1, tied=True))
+    path = export_model(model.eval(), vocab, tmp_path / "models", "tiny", 1)
+    out = tmp_path / "results.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "suggest", "--model", str(path),
+         "--out", str(out), "--threads", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["section"] for row in rows] == ["suggest"] * 5
+    assert rows[0]["details"]["cases"] > 0 and 0 <= rows[0]["value"] <= 100
