@@ -119,7 +119,7 @@ def test_score_text_pattern_matches_what_the_tokenizer_scores(document: dict[str
     ("/v1/generate", {"prompt": "the", "version": True}, "version"),
     ("/v1/generate", {"prompt": "the", "max_words": "3"}, "max_words"),
     ("/v1/predict", {"text": "the", "version": True}, "version"),
-    ("/v1/predict", {"text": "the", "k": 2.0}, "k"),
+    ("/v1/predict", {"text": "the", "k": 2.5}, "k"),
     ("/v1/predict", {"text": "the", "learn": 1}, "learn"),
     ("/v1/predict", {"text": 5}, "text"),
     ("/v1/score", {"text": "the", "version": True}, "version"),
@@ -141,6 +141,19 @@ def test_openai_bodies_are_strictly_typed(client: TestClient, body: dict, param:
     r = client.post("/openai/v1/completions", json={"model": "tiny", "prompt": "the", **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/predict", {"text": "the ", "k": 3.0, "version": 1.0}),
+    ("/v1/generate", {"prompt": "the", "max_words": 2.0, "n": 1.0}),
+    ("/openai/v1/completions", {"model": "tiny", "prompt": "the", "max_tokens": 2.0, "n": 1.0}),
+    ("/v1/sessions", {"text": "the ", "ttl_seconds": 60.0, "k": 2.0}),
+])
+def test_integral_numbers_are_integers(client: TestClient, path: str, body: dict) -> None:
+    """JSON Schema's integer is any number without a fraction: 3.0 is 3 (and 3.5 is refused)."""
+    assert client.post(path, json=body).status_code in (200, 201), client.post(path, json=body).text
+    key = next(k for k in body if k not in ("text", "prompt", "model"))
+    assert 400 <= client.post(path, json={**body, key: 2.5}).status_code < 500
 
 
 def test_integers_still_fill_float_fields(client: TestClient) -> None:
@@ -177,7 +190,7 @@ def test_options_lists_every_documented_method(client: TestClient, document: dic
 
 
 def test_reported_cases(client: TestClient) -> None:
-    assert "POST" in _allow(client.options("/v1/models/reload"))
+    assert _allow(client.options("/v1/models/reload")) == {"POST"}
     assert {"GET", "DELETE"} <= _allow(client.options("/v1/sessions/" + "a" * 20))
 
 
@@ -185,7 +198,60 @@ def test_405_lists_every_method_in_each_front_ends_shape(client: TestClient) -> 
     r = client.put("/v1/sessions/" + "a" * 20)
     assert r.status_code == 405 and r.json()["error"]["type"] == "method_not_allowed"
     assert _allow(r) == {"GET", "HEAD", "DELETE"}
-    r = client.put("/v1/models/reload")  # the reload route's POST and the /v1/models/{name} template's GET
-    assert r.status_code == 405 and _allow(r) == {"GET", "HEAD", "POST"}
+    r = client.put("/v1/models/reload")  # the reload resource: not the /v1/models/{name} template's GET
+    assert r.status_code == 405 and _allow(r) == {"POST"}
     r = client.delete("/v2/models/tiny/infer")
     assert r.status_code == 405 and isinstance(r.json()["error"], str) and _allow(r) == {"POST"}
+
+
+# --------------------------------------------------------------------------- found by schemathesis
+
+
+def test_an_update_without_text_answers_the_predictions_again(client: TestClient) -> None:
+    sid = client.post("/v1/sessions", json={"text": "the quick "}).json()["session_id"]
+    first = client.post(f"/v1/sessions/{sid}/text", json={"text": "br"}).json()
+    again = client.post(f"/v1/sessions/{sid}/text", json={})
+    assert again.status_code == 200, again.text
+    assert again.json()["predictions"] == first["predictions"] and again.json()["pending"] == "br"
+
+
+def test_openai_empty_suffix_and_logit_bias_are_none(client: TestClient, document: dict[str, Any]) -> None:
+    body = {"model": "tiny", "prompt": "the", "max_tokens": 1, "suffix": "", "logit_bias": {}}
+    assert client.post("/openai/v1/completions", json=body).status_code == 200
+    r = client.post("/openai/v1/completions", json={**body, "suffix": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
+    assert _property(document, "CompletionRequest", "suffix")["maxLength"] == 0
+    assert _property(document, "CompletionRequest", "logit_bias")["maxProperties"] == 0
+    prompt = document["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    assert {"string", "array", "null"} == {b["type"] for b in prompt}  # no token-id prompts
+    assert next(b for b in prompt if b["type"] == "array")["items"] == {"type": "string", "maxLength": 300}
+
+
+def test_kserve_readiness_of_what_does_not_exist_is_404(client: TestClient) -> None:
+    assert client.get("/v2/models/tiny/versions/1/ready").status_code == 200
+    for path in ("/v2/models/nope/ready", "/v2/models/tiny/versions/7/ready", "/v2/models/tiny/versions/0/ready"):
+        r = client.get(path)
+        assert r.status_code == 404 and r.json()["ready"] is False, path
+
+
+def test_kserve_sequence_id_false_is_not_no_sequence(client: TestClient) -> None:
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["the "]}]}
+    assert client.post("/v2/models/tiny/infer", json={**body, "parameters": {"sequence_id": 0}}).status_code == 200
+    r = client.post("/v2/models/tiny/infer", json={**body, "parameters": {"sequence_id": False}})
+    assert r.status_code == 400 and "sequence_id" in r.json()["error"]
+    r = client.post("/v2/models/tiny/infer", json={**body, "parameters": {"k": 2.0}})
+    assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [1, 2]
+    r = client.post("/v2/models/tiny/infer", json={"inputs": [{**body["inputs"][0], "shape": ["1"]}]})
+    assert r.status_code == 400  # strict: a string is not a shape
+
+
+def test_streams_and_the_kserve_body_are_documented(document: dict[str, Any]) -> None:
+    generate = document["paths"]["/v1/generate"]["post"]["responses"]["200"]["content"]
+    events = generate["text/event-stream"]["schema"]["oneOf"]
+    assert [e["properties"]["event"]["const"] for e in events] == ["word", "done", "error"]
+    completions = document["paths"]["/openai/v1/completions"]["post"]["responses"]["200"]["content"]
+    assert "text/event-stream" in completions and "application/json" in completions
+    infer = document["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]
+    assert list(infer) == ["application/json"]  # the binary extension is prose, not "any bytes"
+    tensor = infer["application/json"]["schema"]["properties"]["inputs"]["items"]
+    assert tensor["properties"]["datatype"] == {"const": "BYTES"}

@@ -217,8 +217,7 @@ class SessionManager:
         not adapted to and its words are not learned from. ``filter`` / ``corrections`` override
         the session's own for this update."""
         check_session_id(session_id)
-        if text is None and replace_pending is None:
-            raise InvalidSessionInputError("send text (a delta to append) and/or replace_pending", "text")
+        # Neither text nor replace_pending: the session's predictions again (e.g. with another k).
         self._check_delta(text, "text")
         self._check_delta(replace_pending, "replace_pending")
         start = time.perf_counter()

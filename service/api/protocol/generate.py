@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.protocol.native import Int, OptInt
 from service.engine.generate import MAX_BEAM_WIDTH, MAX_COMPLETIONS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 
 
@@ -22,31 +23,31 @@ class GenerateRequest(BaseModel):
         "(as /v1/predict does); ending in whitespace (or empty) starts a new word.",
         examples=["The quick brown fox jumps over the la"],
     )
-    max_words: int = Field(16, ge=0, description="Most words per completion (≤ NEXTWORD_MAX_GENERATION_WORDS).")
+    max_words: Int = Field(16, ge=0, description="Most words per completion (≤ NEXTWORD_MAX_GENERATION_WORDS).")
     strategy: Literal["greedy", "sample", "beam"] = Field(
         "greedy", description="greedy: the most likely word each step; sample: temperature/top_k/top_p "
         "sampling (seeded by seed); beam: beam search of beam_width hypotheses."
     )
     temperature: float = Field(1.0, ge=0, le=100, description="sample: softmax temperature (0 = greedy).")
-    top_k: int = Field(0, ge=0, description="sample: keep only the k most likely words (0 = all).")
+    top_k: Int = Field(0, ge=0, description="sample: keep only the k most likely words (0 = all).")
     top_p: float = Field(1.0, ge=0, le=1, description="sample: nucleus, the smallest set with this much mass.")
-    seed: int | None = Field(None, description="sample: same seed, same prompt, same model version → same words.")
-    beam_width: int = Field(4, ge=1, le=MAX_BEAM_WIDTH, description="beam: hypotheses kept per step.")
+    seed: OptInt = Field(None, description="sample: same seed, same prompt, same model version → same words.")
+    beam_width: Int = Field(4, ge=1, le=MAX_BEAM_WIDTH, description="beam: hypotheses kept per step.")
     length_penalty: float = Field(
         1.0, ge=0, le=10, description="beam: hypotheses rank by sum(log p) / length ** length_penalty."
     )
-    n: int = Field(1, ge=1, le=MAX_COMPLETIONS, description="Completions to return (beam: the best n ≤ beam_width).")
+    n: Int = Field(1, ge=1, le=MAX_COMPLETIONS, description="Completions to return (beam: the best n ≤ beam_width).")
     stop: str | list[str] | None = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} strings; the completion ends before the first one it contains."
     )
-    logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="Top alternatives to report per word.")
+    logprobs: Int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="Top alternatives to report per word.")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="greedy/sample: OpenAI's frequency penalty.")
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="greedy/sample: OpenAI's presence penalty.")
     stream: bool = Field(False, description="Server-sent events: one `word` event per word, then `done`.")
     filter: bool = Field(True, description="Never generate (or list as alternatives) blocklisted words "
                          "(NEXTWORD_BLOCKLIST); false allows every word.")
     model: str | None = Field(None, description="Model name; default: NEXTWORD_DEFAULT_MODEL or the first one.")
-    version: int | None = Field(None, ge=1, description="Model version; default: the newest loaded one.")
+    version: OptInt = Field(None, ge=1, description="Model version; default: the newest loaded one.")
 
 
 class WordAlternative(BaseModel):

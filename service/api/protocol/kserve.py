@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.protocol.native import MAX_K
+from service.api.protocol.native import MAX_K, Int
 
 KSERVE_DEFAULT_K = 5
 KSERVE_MAX_K = MAX_K
@@ -33,20 +33,25 @@ class ModelMetadata(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
-class InferInputTensor(BaseModel):
+class _StrictRequest(BaseModel):
+    # Strict types (a shape of ["3"] or [true] is an error, not [3] / [1]); integral floats count.
+    model_config = ConfigDict(strict=True)
+
+
+class InferInputTensor(_StrictRequest):
     name: str
-    shape: list[int]
+    shape: list[Int]
     datatype: str
     parameters: dict[str, Any] | None = None
     data: Any = None
 
 
-class InferRequestedOutput(BaseModel):
+class InferRequestedOutput(_StrictRequest):
     name: str
     parameters: dict[str, Any] | None = None
 
 
-class InferRequest(BaseModel):
+class InferRequest(_StrictRequest):
     id: str | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[InferInputTensor] = Field(min_length=1)

@@ -7,14 +7,28 @@ here, so a deployment can change them without a code change; fixed bounds (``k``
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.engine.repository import SERVING, VersionInfo
 
 MAX_K = 100
 
+
+def integral(value: Any) -> Any:
+    """``value`` as an int when it is a float without a fractional part, else unchanged. JSON
+    Schema's "integer" is any such number, so 5.0 is the integer 5 (a JavaScript client may well
+    send it); strict validation would refuse it. ``true`` stays refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# The integer types of request bodies: strict (not a bool, not a string), integral floats accepted.
+# (The optional one converts outside the union, so that Field's bounds still reach the integer.)
+Int = Annotated[int, BeforeValidator(integral)]
+OptInt = Annotated[int | None, BeforeValidator(integral)]
 
 
 def _model_field() -> Any:
@@ -69,9 +83,9 @@ class PredictRequest(_Strict):
         "ending in whitespace (or empty) predicts the next whole word.",
         examples=["The quick brown fox jumps over the la"],
     )
-    k: int = Field(5, ge=1, le=MAX_K, description="How many words to return.")
+    k: Int = Field(5, ge=1, le=MAX_K, description="How many words to return.")
     model: str | None = _model_field()
-    version: int | None = _version_field()
+    version: OptInt = _version_field()
     learn: bool = Field(True, description=LEARN_DESCRIPTION)
     filter: bool = Field(True, description=FILTER_DESCRIPTION)
     corrections: bool = Field(True, description=CORRECTIONS_DESCRIPTION)
@@ -119,7 +133,7 @@ class BatchPredictResponse(BaseModel):
 class ScoreRequest(_Strict):
     text: str = Field(description="Text to score; every word counts as complete.", examples=["The cat sat on the mat."])
     model: str | None = _model_field()
-    version: int | None = _version_field()
+    version: OptInt = _version_field()
 
 
 class WordScore(BaseModel):

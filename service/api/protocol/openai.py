@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.protocol.native import OptInt
 from service.engine.generate import MAX_COMPLETIONS
 
 OPENAI_MAX_LOGPROBS = 5  # as OpenAI's legacy completions API
@@ -31,14 +32,14 @@ class CompletionRequest(BaseModel):
     prompt: str | list[str] | list[int] | list[list[int]] | None = Field(
         None, description="Text or list of texts (token-id prompts are rejected: this service reads words)."
     )
-    max_tokens: int | None = Field(16, ge=0, description="Most words per completion (≤ NEXTWORD_MAX_GENERATION_WORDS).")
+    max_tokens: OptInt = Field(16, ge=0, description="Most words per completion (≤ NEXTWORD_MAX_GENERATION_WORDS).")
     temperature: float | None = Field(1.0, ge=0, le=2, description="0 = greedy.")
     top_p: float | None = Field(1.0, ge=0, le=1)
-    n: int | None = Field(1, ge=1, le=MAX_COMPLETIONS, description=f"Completions per prompt (≤ {MAX_COMPLETIONS}).")
-    best_of: int | None = Field(None, ge=1, le=MAX_COMPLETIONS, description="Generate this many, return the best n.")
+    n: OptInt = Field(1, ge=1, le=MAX_COMPLETIONS, description=f"Completions per prompt (≤ {MAX_COMPLETIONS}).")
+    best_of: OptInt = Field(None, ge=1, le=MAX_COMPLETIONS, description="Generate this many, return the best n.")
     stop: str | list[str] | None = Field(None, description=f"Up to {OPENAI_MAX_STOP} stop strings.")
-    seed: int | None = None
-    logprobs: int | None = Field(None, ge=0, le=OPENAI_MAX_LOGPROBS, description="Top alternatives per word (≤ 5).")
+    seed: OptInt = None
+    logprobs: OptInt = Field(None, ge=0, le=OPENAI_MAX_LOGPROBS, description="Top alternatives per word (≤ 5).")
     echo: bool | None = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None

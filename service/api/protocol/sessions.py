@@ -9,6 +9,8 @@ from service.api.protocol.native import (
     FILTER_DESCRIPTION,
     LEARN_DESCRIPTION,
     MAX_K,
+    Int,
+    OptInt,
     WordProbability,
     _model_field,
     _Strict,
@@ -25,11 +27,11 @@ ROTATE_DESCRIPTION = (
 
 class SessionCreateRequest(_Strict):
     model: str | None = _model_field()
-    version: int | None = _version_field()
+    version: OptInt = _version_field()
     text: str = Field("", description="Initial text (same keyboard semantics as /v1/predict).",
                       examples=["The quick brown "])
-    k: int = Field(5, ge=1, le=MAX_K, description="Default number of predictions for this session's updates.")
-    ttl_seconds: int | None = Field(
+    k: Int = Field(5, ge=1, le=MAX_K, description="Default number of predictions for this session's updates.")
+    ttl_seconds: OptInt = Field(
         None, ge=1, description="Idle time after which the session expires, at most "
         "NEXTWORD_SESSION_MAX_TTL_SECONDS (default NEXTWORD_SESSION_TTL_SECONDS). Every update restarts it."
     )
@@ -49,7 +51,7 @@ class SessionUpdateRequest(_Strict):
         "text typed since the last whitespace) before `text` is appended; '' deletes it. Committed words "
         "(followed by whitespace) are final and cannot be edited: recreate the session for that.",
     )
-    k: int | None = Field(None, ge=1, le=MAX_K, description="Predictions to return (default: the session's k).")
+    k: OptInt = Field(None, ge=1, le=MAX_K, description="Predictions to return (default: the session's k).")
     learn: bool = Field(True, description="false: this update's text is neither adapted to nor learned from "
                         "(incognito); the session's earlier words still count.")
     filter: bool | None = Field(None, description="This update only: " + FILTER_DESCRIPTION + " Default: the "
@@ -101,10 +103,10 @@ class SessionPredictions(BaseModel):
 class StreamMessage(_Strict):
     """One client message on ``/v1/sessions/.../stream``."""
 
-    seq: int = Field(description="Client sequence number, echoed in the answer.")
+    seq: Int = Field(description="Client sequence number, echoed in the answer.")
     text: str | None = None
     replace_pending: str | None = None
-    k: int | None = Field(None, ge=1, le=MAX_K)
+    k: OptInt = Field(None, ge=1, le=MAX_K)
     learn: bool = True
     filter: bool | None = None
     corrections: bool | None = None

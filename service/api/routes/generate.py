@@ -57,8 +57,30 @@ router = APIRouter(prefix="/v1", tags=["generation"], route_class=CheckedRoute)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+
+
+def sse_event(name: str, required: list[str]) -> dict[str, Any]:
+    """The schema of one server-sent event named ``name`` whose data is a JSON object."""
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"const": name},
+            "data": {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": {"type": "object", "required": required}},
+        },
+    }
+
+
+# Each event of the stream (the document's text/event-stream schema describes one event).
+SSE_EVENT_SCHEMA: dict[str, Any] = {"oneOf": [
+    sse_event("word", ["index", "word", "text", "log_prob"]),
+    sse_event("done", ["model", "version", "completions", "usage"]),
+    sse_event("error", ["status", "error"]),
+]}
+
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    200: {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
           "description": "JSON (stream false) or server-sent events (stream true)"},
     400: {"model": ErrorResponse, "description": "Malformed JSON or non-UTF-8 body"},
     404: {"model": ErrorResponse, "description": "Unknown model or version"},

@@ -58,6 +58,7 @@ from service.api.protocol.kserve import (
     ServerMetadata,
     TensorMetadata,
 )
+from service.api.protocol.native import integral
 from service.config import Settings
 from service.engine import LoadedVersion, ModelRepository, Prediction, Predictor, PredictQuery, SuggestOptions
 from service.engine.errors import InvalidInputError, ModelNotFoundError, VersionNotFoundError
@@ -140,19 +141,31 @@ async def model_version_metadata(name: str, version: str, repository: Repository
 
 
 def _ready(repository: ModelRepository, name: str, version: str | None) -> JSONResponse:
+    """200 when ready; 400 for a version that exists but failed to load; 404 for a model or
+    version there is no such thing as (any non-200 is "not ready" to tritonclient)."""
     try:
         lv = _resolve(repository, name, version)
-    except (ModelNotFoundError, VersionNotFoundError):
-        return JSONResponse({"name": name, "ready": False}, status_code=400)
+    except ModelNotFoundError:
+        return JSONResponse({"name": name, "ready": False}, status_code=404)
+    except VersionNotFoundError as exc:
+        failed = any(info.version == exc.version and info.status == "failed"
+                     for info in repository.status(name).get(name, []))
+        return JSONResponse({"name": name, "ready": False}, status_code=400 if failed else 404)
     return JSONResponse({"name": lv.name, "ready": True})
 
 
-@router.get("/models/{name}/ready", responses={400: {"description": "Not ready"}})
+_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Not ready (the version failed to load)"},
+    404: {"description": "No such model or version (not ready)"},
+}
+
+
+@router.get("/models/{name}/ready", responses=_READY_RESPONSES)
 async def model_ready(name: str, repository: RepositoryDep) -> JSONResponse:
     return _ready(repository, name, None)
 
 
-@router.get("/models/{name}/versions/{version}/ready", responses={400: {"description": "Not ready"}})
+@router.get("/models/{name}/versions/{version}/ready", responses=_READY_RESPONSES)
 async def model_version_ready(name: str, version: str, repository: RepositoryDep) -> JSONResponse:
     return _ready(repository, name, version)
 
@@ -241,7 +254,7 @@ def _texts(request_doc: InferRequest, binary: bytes) -> list[str]:
 
 def _k(request_doc: InferRequest) -> int:
     params = request_doc.parameters or {}
-    k = params.get("k", KSERVE_DEFAULT_K)
+    k = integral(params.get("k", KSERVE_DEFAULT_K))
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= KSERVE_MAX_K:
         raise KServeInputError(f"parameter k must be an integer between 1 and {KSERVE_MAX_K}")
     return k
@@ -269,12 +282,12 @@ def _sequence(request_doc: InferRequest) -> SequenceStep | None:
     """The request's place in a sequence, or None for a stateless request (``sequence_id`` absent,
     0 or "", as Triton's clients send when there is no sequence)."""
     params = request_doc.parameters or {}
-    seq = params.get("sequence_id")
+    seq = integral(params.get("sequence_id"))
     start, end = params.get("sequence_start", False), params.get("sequence_end", False)
     for name, value in (("sequence_start", start), ("sequence_end", end)):
         if not isinstance(value, bool):
             raise KServeInputError(f"parameter {name} must be a boolean")
-    if seq in (None, 0, ""):
+    if seq is None or (seq in (0, "") and not isinstance(seq, bool)):  # false is not 0: a bool is refused
         if start or end:
             raise KServeInputError("sequence_start and sequence_end need a sequence_id")
         return None
@@ -422,17 +435,71 @@ async def _infer(request: Request, name: str, version: str | None, predictor: Pr
                     headers={HEADER_LENGTH: str(len(header))})
 
 
+_TEXTS: dict[str, Any] = {"type": "array", "items": {"type": "string"}}
+# The JSON inference request as this server reads it: the protocol's InferRequest narrowed to what
+# is served (one BYTES input of shape [N] or [N, 1], the two outputs, the parameters it reads).
+# Not stated here (a schema cannot): shape[0] is the number of texts in data, and sequence_start /
+# sequence_end need a sequence_id.
+_INFER_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "parameters": {"anyOf": [{"type": "null"}, {
+            "type": "object",
+            "properties": {
+                "k": {"type": "integer", "minimum": 1, "maximum": KSERVE_MAX_K, "default": KSERVE_DEFAULT_K},
+                "sequence_id": {"anyOf": [  # 0, "" or null: no sequence
+                    {"type": "integer", "minimum": 0, "maximum": 2**64 - 1},
+                    {"type": "string", "maxLength": MAX_SEQUENCE_ID_CHARS},
+                    {"type": "null"},
+                ]},
+                "sequence_start": {"type": "boolean"},
+                "sequence_end": {"type": "boolean"},
+            },
+        }]},
+        "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+            "type": "object",
+            "required": ["name", "shape", "datatype", "data"],
+            "properties": {
+                "name": {"type": "string"},
+                "datatype": {"const": "BYTES"},
+                "shape": {"type": "array", "minItems": 1, "prefixItems": [  # [N] or [N, 1]
+                    {"type": "integer", "minimum": 0}, {"const": 1},
+                ], "items": False},
+                "data": {"anyOf": [
+                    {"type": "string"}, {"type": "array", "items": {"anyOf": [{"type": "string"}, _TEXTS]}},
+                ]},
+                "parameters": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+            },
+        }},
+        "outputs": {"anyOf": [{"type": "null"}, {"type": "array", "items": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"enum": [WORDS, PROBABILITIES]},
+                "parameters": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+            },
+        }}]},
+    },
+}
 _INFER_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "description": "An inference request (JSON), optionally followed by binary tensor data "
-        f"(then the {HEADER_LENGTH} header gives the JSON part's length).",
+        # The binary tensor extension (application/octet-stream: a JSON header, then raw tensors)
+        # is described here rather than listed as a media type: its schema would be "any bytes",
+        # which documents nothing and lets a client generated from the document send garbage.
+        "description": "An inference request (JSON). With the binary tensor data extension the body is "
+        f"instead application/octet-stream: this JSON, {HEADER_LENGTH} bytes long (that header gives "
+        "the length), followed by the raw tensors.",
         "content": {
-            "application/json": {"example": {
-                "id": "1", "parameters": {"k": 3},
-                "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["the quick ", "the qu"]}],
-            }},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {
+                "schema": _INFER_REQUEST_SCHEMA,
+                "example": {
+                    "id": "1", "parameters": {"k": 3},
+                    "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["the quick ", "the qu"]}],
+                },
+            },
         },
     }
 }

@@ -172,7 +172,7 @@ def _params(body: CompletionRequest, max_words_limit: int) -> tuple[GenerationPa
         raise InvalidInputError("best_of must be greater than or equal to n", "best_of")
     if body.stream and best_of > n:
         raise InvalidInputError("best_of cannot be used with stream", "best_of")
-    if body.suffix is not None:
+    if body.suffix:  # "" is no suffix
         raise InvalidInputError("suffix is not supported by this model", "suffix")
     if body.logit_bias:
         raise InvalidInputError("logit_bias is not supported: this model's tokens are words, not token ids",
@@ -253,7 +253,24 @@ def _join_logprobs(head: CompletionLogprobs, tail: CompletionLogprobs) -> Comple
     )
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=_openai_errors())
+# Each event of a stream: data is a completion chunk (CompletionResponse's shape), or [DONE] last.
+_STREAM_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json",
+         "contentSchema": {"$ref": "#/components/schemas/CompletionResponse"}},
+    ]}},
+}
+_COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": _STREAM_EVENT}},
+          "description": "JSON (stream false) or server-sent events (stream true)"},
+    **_openai_errors(),
+}
+
+
+@router.post("/completions", response_model=CompletionResponse, responses=_COMPLETION_RESPONSES)
 async def create_completion(
     body: CompletionRequest, request: Request, predictor: PredictorDep, settings: SettingsDep
 ) -> Any:
