@@ -23,14 +23,17 @@ import traceback
 from pathlib import Path
 
 from benchmarks.common import SECTIONS, Context, Row, log
+from nextword.artifact import version_dirs
 
-DEFAULT_MODEL = Path("models/brown-lstm/1")
+DEFAULT_MODEL = "brown-lstm"
 
 
 def default_model(repository: Path = Path("models")) -> Path:
-    """``models/brown-lstm/1`` if it exists, else the most recently written version in ``models/``."""
-    if (DEFAULT_MODEL / "model.json").exists():
-        return DEFAULT_MODEL
+    """The highest version of ``models/brown-lstm`` (the one the service serves), else the most
+    recently written version in ``models/``."""
+    shipped = version_dirs(repository).get(DEFAULT_MODEL, {})
+    if shipped:
+        return shipped[max(shipped)]
     candidates = sorted(repository.glob("*/*/model.json"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise SystemExit(f"error: no model in {repository}/ (export one, or pass --model)")
@@ -41,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nextword-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None,
-                        help=f"model version directory (default: {DEFAULT_MODEL}, else the newest in models/)")
+                        help=f"model version directory (default: the highest version of models/{DEFAULT_MODEL}, "
+                        "else the newest in models/)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and requests, smaller training sizes")

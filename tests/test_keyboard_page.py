@@ -199,9 +199,9 @@ def test_typing_in_the_browser(browser: Any, start_server: Callable, tmp_path: P
 
     # The model/version picker (from /v1/models) opens a session on the chosen version.
     picker = Select(driver.find_element(By.ID, "model"))
-    picker.select_by_index(1)  # brown-lstm, version 1 named explicitly
+    picker.select_by_index(1)  # the shipped model's version named explicitly
     wait_for(driver, lambda d: "model changed" in status(d), "a session on the chosen version")
-    assert " v1" in status(driver)
+    assert f" v{next(SHIPPED_MODELS.glob('*/*/model.json')).parent.name}" in status(driver)
 
     # A long, non-ASCII text opens its session with a tail that fits in the URL.
     long_text = "Grüße, 東京 😀 and more words " * 700 + PROMPT
@@ -233,9 +233,10 @@ def test_status_says_when_the_session_was_rebuilt(browser: Any, start_server: Ca
     # Two versions of the shipped model; the session starts on the newest, which then goes away.
     repository = tmp_path / "models"
     shipped = next(SHIPPED_MODELS.glob("*/*/model.json")).parent
-    shutil.copytree(shipped, repository / shipped.parent.name / "1")
+    first = shutil.copytree(shipped, repository / shipped.parent.name / "1")
     second = shutil.copytree(shipped, repository / shipped.parent.name / "2")
     card = json.loads((second / "model.json").read_text())
+    (first / "model.json").write_text(json.dumps({**card, "version": 1}))
     (second / "model.json").write_text(json.dumps({**card, "version": 2}))
     server = start_server(repository)
     driver = browser

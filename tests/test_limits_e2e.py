@@ -41,7 +41,7 @@ class Memory:
 
 @pytest.fixture(scope="module")
 def brown(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    if not (MODELS / "brown-lstm" / "1" / "model.json").exists():
+    if not any((MODELS / "brown-lstm").glob("*/model.json")):
         pytest.skip("the shipped model is not in models/")
     server = _start_server(MODELS, tmp_path_factory.mktemp("limits-logs"))
     try:

@@ -19,6 +19,7 @@ from conftest import TINY_WORDS, tiny_vocab
 from fastapi.testclient import TestClient
 
 from nextword import artifact as A
+from nextword.artifact import version_dirs
 from nextword.casing import CasingError, count_cased, read_casing, usual_form, write_casing
 from nextword.vocab import Vocab
 from service.config import Settings
@@ -127,7 +128,8 @@ def test_corrections_of_a_mistyped_fragment() -> None:
 
 
 def test_each_prefix_of_a_blocked_word_offers_other_words() -> None:
-    vocab = Vocab.load(Path(__file__).resolve().parents[1] / "models/brown-lstm/1/vocab.txt")
+    shipped = version_dirs(Path(__file__).resolve().parents[1] / "models")["brown-lstm"]
+    vocab = Vocab.load(shipped[max(shipped)] / "vocab.txt")
     listed = read_blocklist(DEFAULT_BLOCKLIST)
     assert listed and listed <= set(vocab.stoi), "every default entry is a word of the default vocabulary"
     lv = _version(vocab, sorted(listed))
