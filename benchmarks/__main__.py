@@ -190,12 +190,13 @@ def _runners() -> dict:
     from benchmarks.prompt import run_prompt
     from benchmarks.runtime import run_roofline, run_runtime
     from benchmarks.sessions import run_sessions
+    from benchmarks.soak import run_soak
     from benchmarks.suggest import run_suggest
     from benchmarks.training_loop import run_training
 
     return {"runtime": run_runtime, "roofline": run_roofline, "http": run_http, "overhead": run_overhead,
             "sessions": run_sessions, "capacity": run_capacity, "prompt": run_prompt, "training": run_training,
-            "keyboard": run_keyboard, "suggest": run_suggest}
+            "keyboard": run_keyboard, "suggest": run_suggest, "soak": run_soak}
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 SECTIONS = ("runtime", "roofline", "http", "overhead", "sessions", "capacity", "prompt", "training", "keyboard",
-            "suggest")
+            "suggest", "soak")
 
 
 @dataclass

@@ -73,6 +73,8 @@ class HTTPConnection:
                 close = True
             elif name == "transfer-encoding":
                 raise ValueError("chunked responses are not supported by this client")
+        if length is None and (status in (204, 304) or 100 <= status < 200):
+            length = 0  # no body by definition (RFC 9110), with or without the header
         if length is None:
             raise ValueError("response without Content-Length")
         body = await self._reader.readexactly(length) if length else b""

@@ -278,3 +278,29 @@ def test_quick_suggest_benchmark_smoke(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [row["section"] for row in rows] == ["suggest"] * 5
     assert rows[0]["details"]["cases"] > 0 and 0 <= rows[0]["value"] <= 100
+
+
+def test_soak_load_against_a_real_server(model_repository: Path, start_server) -> None:
+    """The soak's generator: every kind of request of its cycle answered 2xx (sessions deleted with
+    204 and recreated), the server's RSS sampled through the timed phase and split into halves."""
+    from benchmarks.soak import rss_halves, run_soak_load
+
+    server = start_server(model_repository)
+    result = run_soak_load(server.url, clients=4, seconds=3.0, warmup_s=0.5, model="tiny",
+                           server_pid=server.proc.pid)
+    assert result["errors"] == 0, result["error_samples"]
+    kinds = {key.split()[0] for key in result["statuses"]}
+    assert {"predict", "update", "score", "generate"} <= kinds, result["statuses"]
+    assert len(result["rss"]) >= 4 and all(mb > 10 for _, mb in result["rss"])
+    halves = rss_halves(result["rss"])
+    assert halves is not None and halves["first_peak_mb"] >= halves["first_median_mb"] > 0
+
+
+def test_rss_halves() -> None:
+    from benchmarks.soak import rss_halves
+
+    assert rss_halves([(0, 100.0), (1, 101.0)]) is None
+    flat = rss_halves([(t, 100.0 + (t in (2, 7))) for t in range(10)])  # a momentary peak in each half
+    assert flat is not None and flat["growth_mb"] == 0
+    leak = rss_halves([(t, 100.0 + 10 * t) for t in range(10)])
+    assert leak is not None and leak["growth_mb"] == 50 and leak["second_peak_mb"] == 190
