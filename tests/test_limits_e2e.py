@@ -100,3 +100,41 @@ def test_full_batch_of_long_texts_is_served(brown: Server) -> None:
         assert len(results) == settings.max_batch_items
         assert all(x["truncated"] and x["context_words"] == settings.context_words for x in results)
         assert mem.peak_mb() - idle < PEAK_LIMIT_MB
+
+
+def test_largest_generation_session_and_kserve_batch_are_served(brown: Server) -> None:
+    """The other requests as large as the limits allow: a generation of NEXTWORD_MAX_GENERATION_WORDS
+    words by the widest beam with every alternative reported, from the longest prompt; a session
+    created from the longest text; a KServe batch of NEXTWORD_MAX_BATCH_ITEMS texts filling the
+    body limit. Each is answered, with the peak memory bounded."""
+    from service.engine.generate import MAX_BEAM_WIDTH, MAX_COMPLETIONS, MAX_TOP_LOGPROBS
+
+    settings = _settings()
+    mem = Memory(brown.proc.pid)
+    longest = ("the cat sat on the mat . " * settings.max_text_chars)[: settings.max_text_chars]
+    with httpx.Client(base_url=brown.url, timeout=60) as client:
+        idle = mem.rss_mb()
+        mem.reset_peak()
+        r = client.post("/v1/generate", json={
+            "prompt": longest, "max_words": settings.max_generation_words, "strategy": "beam",
+            "beam_width": MAX_BEAM_WIDTH, "n": min(MAX_COMPLETIONS, MAX_BEAM_WIDTH), "logprobs": MAX_TOP_LOGPROBS,
+            "length_penalty": 0})  # no reward for stopping early: the beams run the whole length
+        assert r.status_code == 200, r.text
+        assert len(r.json()["completions"]) == min(MAX_COMPLETIONS, MAX_BEAM_WIDTH)
+        assert mem.peak_mb() - idle < PEAK_LIMIT_MB
+
+        mem.reset_peak()
+        r = client.post("/v1/sessions", json={"text": longest})
+        assert r.status_code == 201, r.text
+        assert mem.peak_mb() - idle < PEAK_LIMIT_MB
+        client.delete(f"/v1/sessions/{r.json()['session_id']}")
+
+        per_text = (settings.max_body_bytes - 4096) // settings.max_batch_items  # the JSON around them
+        texts = [("of the " * per_text)[:per_text] for _ in range(settings.max_batch_items)]
+        mem.reset_peak()
+        r = client.post("/v2/models/brown-lstm/infer", json={
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"][0]["shape"] == [settings.max_batch_items, 5]
+        assert mem.peak_mb() - idle < PEAK_LIMIT_MB
+        assert mem.rss_mb() - idle < 150, "the memory of the requests was not returned"

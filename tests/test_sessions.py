@@ -677,3 +677,24 @@ def test_redis_stores_share_one_session_secret(redis_server: RedisServer) -> Non
 
     first, second = asyncio.run(secrets_of_two_replicas())
     assert first == second and len(first) == 64
+
+
+def test_a_paste_longer_than_the_context_budget_reads_its_end(model_repository: Path) -> None:
+    """A session created from (or pasted) more words than NEXTWORD_CONTEXT_WORDS reads their last
+    ones from a fresh state, as /v1/predict reads a long text: bounded work for the largest text
+    (the whole text, read twice, outlasted the deadline), the same predictions as /v1/predict."""
+    text = "the quick brown fox jumps over the lazy dog she said that they had not been there "  # 17 words
+    with TestClient(create_app(settings_for(model_repository, context_words=8))) as c:
+        body = create(c, text=text)
+        assert (body["committed_words"], body["context_words"]) == (17, 8)
+        want = c.post("/v1/predict", json={"text": text, "k": ALL}).json()
+        assert want["truncated"] and want["context_words"] == 8
+        got = {p["word"]: p["probability"] for p in body["predictions"]}
+        assert got == pytest.approx({p["word"]: p["probability"] for p in want["predictions"]}, abs=1e-6)
+        body = append(c, body["session_id"], text + "the qu")  # a long paste, ending inside a word
+        assert (body["committed_words"], body["context_words"], body["pending"]) == (35, 8, "qu")
+        want = c.post("/v1/predict", json={"text": text * 2 + "the qu", "k": ALL}).json()
+        got = {p["word"]: p["probability"] for p in body["predictions"]}
+        assert got == pytest.approx({p["word"]: p["probability"] for p in want["predictions"]}, abs=1e-6)
+        body = append(c, body["session_id"], "ick ")  # typing goes on from that state: 8 words + "quick"
+        assert (body["committed_words"], body["context_words"]) == (36, 9)

@@ -298,9 +298,17 @@ class SessionManager:
                 base, state, last_id = list(record.recent_words), None, lv.eos_id
             else:
                 base, state, last_id = [], record.state, record.last_id
-            words = base + split.committed
+            words, tail = base + split.committed, split.tail
+            budget = self.settings.context_words
+            restarted = len(words) + len(tail) > budget
+            if restarted:
+                # A paste longer than the context budget (at most NEXTWORD_MAX_TEXT_CHARS, some
+                # 25,000 words: read whole, twice, it took longer than the deadline): its last
+                # words from a fresh state, as /v1/predict reads a long text.
+                keep = max(budget - len(tail), 0)
+                words, tail, state, last_id = words[len(words) - keep:], tail[-budget:], None, lv.eos_id
             n = len(words)
-            ids = np.asarray(lv.vocab.encode(words + split.tail), dtype=np.int64)
+            ids = np.asarray(lv.vocab.encode(words + tail), dtype=np.int64)
             head = np.asarray([last_id], dtype=np.int64)
             read = WorkItem(np.concatenate([head, ids]), state=state, label=STEP)
             items = [read]
@@ -308,9 +316,9 @@ class SessionManager:
                 advance = WorkItem(np.concatenate([head, ids[: n - 1]]), state=state, want_state=True,
                                    want_log_probs=False, label=STEP)
                 items = [advance, read]
-            return _Submitted(lv, rebuilt, len(base), ids, n, await lv.batcher.run_many(items))
+            return _Submitted(lv, rebuilt, len(base), ids, n, await lv.batcher.run_many(items), restarted)
 
-        lv, rebuilt, base_words, ids, n, outputs = await on_current_version(
+        lv, rebuilt, base_words, ids, n, outputs, restarted = await on_current_version(
             lambda: self._version_for(record), submit
         )
         assert outputs[-1].log_probs is not None
@@ -322,7 +330,7 @@ class SessionManager:
             log.info("session rebuilt on %s v%d from %d recent words (was v%d)", lv.name, lv.version,
                      base_words, record.version)
             record.version, record.context = lv.version, base_words
-        record.context += len(split.committed)
+        record.context = n if restarted else record.context + len(split.committed)
         record.committed += len(split.committed)
         keep = self.settings.session_rebuild_words
         record.recent_words = (record.recent_words + split.committed)[-keep:]
@@ -365,6 +373,7 @@ class _Submitted(NamedTuple):
     ids: np.ndarray
     words: int  # words committed by the step (base included)
     outputs: list[WorkResult]
+    restarted: bool  # the step read only the last NEXTWORD_CONTEXT_WORDS words, from a fresh state
 
 
 @functools.cache

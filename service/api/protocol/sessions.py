@@ -68,7 +68,8 @@ class SessionInfo(BaseModel):
     version: int = Field(description="The model version holding the session's state.")
     committed_words: int = Field(description="Words committed to the recurrent state so far.")
     context_words: int = Field(description="Committed words the state has read (fewer than committed_words "
-                               "after a rebuild on another version).")
+                               "after a rebuild on another version, or a text or paste longer than "
+                               "NEXTWORD_CONTEXT_WORDS, of which only the last words are read).")
     pending: str = Field(description="Uncommitted text since the last whitespace (the word being typed).")
     k: int
     learn: bool = Field(description="Whether the session adapts to its text (see SessionCreateRequest.learn).")
