@@ -273,12 +273,14 @@ def test_fit_cache_and_eval_cli(tmp_path: Path) -> None:
     A.verify_files(target, card)
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(target), "--corpus", str(corpus), "--corpus-format", "text",
-                 "--ngram-order", "2", "--ksr", "--ksr-words", "60", "--json", str(out), "--update-card"]) == 0
+                 "--ngram-order", "2", "--ksr", "--ksr-words", "60", "--ksr-head", "25", "--json", str(out),
+                 "--update-card"]) == 0
     report = json.loads(out.read_text())["adapted"]["test"]
     assert report["ppl_cache"] < report["ppl"]
     assert report["ksr"]["model+cache"]["words"] == 60
     assert report["ksr"]["model+cache"]["ksr"] > report["ksr"]["model"]["ksr"]
-    assert report["ksr"]["kn2"]["words"] == 60
+    assert report["ksr"]["kn2"]["words"] == 60 and report["ksr_head"]["kn2"]["words"] == 25
+    assert report["ksr_head"]["model+cache"]["words"] == 25
     evaluation = A.read_card(target).cache["evaluation"]  # --update-card
     assert evaluation == json.loads(out.read_text())["adapted"]
     assert "command" not in A.read_card(target).cache  # --no-record-command

@@ -134,18 +134,21 @@ class KsrVariant:
     params: CacheParams | None
     rotate: bool = False
     count: KsrCount = field(default_factory=KsrCount)
+    head: KsrCount = field(default_factory=KsrCount)  # the first ``head`` typed words alone
 
 
 def model_ksr(model_dir: str | Path, documents: Sequence[Sequence[str]], variants: Sequence[KsrVariant],
               k: int = 3, new_word_count: int = 2, limit: int | None = None, lanes: int = 64,
-              threads: int | None = None, progress: bool = True) -> None:
-    """Fill each variant's keystroke count on the split (its first ``limit`` typed words)."""
+              threads: int | None = None, progress: bool = True, head: int = 0) -> None:
+    """Fill each variant's keystroke count on the split (its first ``limit`` typed words), and
+    its ``head`` count on the first ``head`` typed words."""
     card, vocab = load_artifact(model_dir)
     index = VocabIndex(vocab)
     words = [w for doc in documents for w in doc]
     ids = np.asarray(vocab.encode(words), dtype=np.int64)
     starts = document_starts([len(d) for d in documents])
     wanted = typed_positions(words, limit=limit)
+    first = set(wanted[:head].tolist())
     history = max((v.params.history for v in variants if v.params is not None), default=0)
     for i, row in stream_rows(model_dir, ids, wanted, lanes, threads, progress):
         j = i + 1
@@ -154,35 +157,43 @@ def model_ksr(model_dir: str | Path, documents: Sequence[Sequence[str]], variant
         for v in variants:
             if v.params not in adapted:
                 adapted[v.params] = adapt(row, words[lo:j], ids[lo:j], v.params, vocab.unk_id, new_word_count)
-            v.count.add(words[j], keystrokes(index, adapted[v.params], words[j], k, v.rotate))
+            strokes = keystrokes(index, adapted[v.params], words[j], k, v.rotate)
+            v.count.add(words[j], strokes)
+            if i in first:
+                v.head.add(words[j], strokes)
 
 
 def ngram_ksr(model, vocab, documents: Sequence[Sequence[str]], k: int = 3, limit: int | None = None,
-              batch: int = 256) -> KsrCount:
-    """The same simulation on a fitted :class:`training.ngram.KneserNey` (no cache)."""
+              batch: int = 256, head: int = 0) -> tuple[KsrCount, KsrCount]:
+    """The same simulation on a fitted :class:`training.ngram.KneserNey` (no cache): the count
+    over the typed words and over the first ``head`` of them."""
     index = VocabIndex(vocab)
     words = [w for doc in documents for w in doc]
     ids = np.asarray(vocab.encode(words), dtype=np.int64)
     wanted = typed_positions(words, limit=limit)
     ctx = model._stream_contexts(ids)
-    count = KsrCount()
+    count, first = KsrCount(), KsrCount()
     for s in range(0, wanted.size, batch):
         pos = wanted[s : s + batch]
         rows = np.log(model._distributions(ctx[pos + 1])).astype(np.float32)
-        for i, row in zip(pos, rows, strict=True):
-            count.add(words[i + 1], keystrokes(index, AdaptedRow(row), words[i + 1], k))
-    return count
+        for n, (i, row) in enumerate(zip(pos, rows, strict=True)):
+            strokes = keystrokes(index, AdaptedRow(row), words[i + 1], k)
+            count.add(words[i + 1], strokes)
+            if s + n < head:
+                first.add(words[i + 1], strokes)
+    return count, first
 
 
 def evaluate_adapted(model_dir: str | Path, corpus: str | Path, corpus_format: str, splits: Sequence[str],
                      scored: dict[str, np.ndarray], *, cache: bool = True, ksr: bool = False, ksr_k: int = 3,
                      ksr_words: int | None = None, ngram_order: int | None = None, threads: int | None = None,
-                     update_card: bool = False) -> dict[str, dict]:
+                     update_card: bool = False, ksr_head: int = 0) -> dict[str, dict]:
     """``nextword-train eval --cache/--ksr``: per split, perplexity with the model's fitted cache
     (from the model's own log-probabilities ``scored[split]``) and the keystroke savings of the
     model with and without the cache and rotation (and of a Kneser-Ney ``ngram_order`` model, when
-    given); printed as it goes, returned, and with ``update_card`` stored under ``cache.evaluation``
-    in model.json."""
+    given), also over the first ``ksr_head`` typed words alone (the words ``nextword-train
+    presage`` types); printed as it goes, returned, and with ``update_card`` stored under
+    ``cache.evaluation`` in model.json."""
     import sys
 
     from training.data import build_vocab, load_corpus, split_documents
@@ -209,8 +220,9 @@ def evaluate_adapted(model_dir: str | Path, corpus: str | Path, corpus_format: s
             variants = [KsrVariant("model", None), KsrVariant("model+rotation", None, rotate=True)]
             if params is not None:
                 variants += [KsrVariant("model+cache", params), KsrVariant("model+cache+rotation", params, True)]
-            model_ksr(model_dir, docs, variants, k=ksr_k, limit=ksr_words, threads=threads)
+            model_ksr(model_dir, docs, variants, k=ksr_k, limit=ksr_words, threads=threads, head=ksr_head)
             counts = {v.name: v.count.result() for v in variants}
+            head = {v.name: v.head.result() for v in variants if v.head.words}
             if ngram_order:
                 if kn is None:
                     from training.ngram import KneserNey
@@ -218,11 +230,17 @@ def evaluate_adapted(model_dir: str | Path, corpus: str | Path, corpus_format: s
                     train = load_corpus(corpus, corpus_format).train
                     kn_vocab = build_vocab(train)
                     kn = (KneserNey(ngram_order).fit(kn_vocab.encode(train), len(kn_vocab)), kn_vocab)
-                counts[f"kn{ngram_order}"] = ngram_ksr(kn[0], kn[1], docs, ksr_k, ksr_words).result()
-            for name, r in counts.items():
-                print(f"{split:<6} KSR top-{ksr_k} {name:<22} {100 * r['ksr']:6.2f}%  "
-                      f"({r['keystrokes']} of {r['characters']} keystrokes, {r['words']} words)")
+                whole, first = ngram_ksr(kn[0], kn[1], docs, ksr_k, ksr_words, head=ksr_head)
+                counts[f"kn{ngram_order}"] = whole.result()
+                if first.words:
+                    head[f"kn{ngram_order}"] = first.result()
+            for label, table in (("", counts), (f" first {ksr_head}", head)):
+                for name, r in table.items():
+                    print(f"{split:<6} KSR top-{ksr_k}{label} {name:<22} {100 * r['ksr']:6.2f}%  "
+                          f"({r['keystrokes']} of {r['characters']} keystrokes, {r['words']} words)")
             row["ksr"] = counts
+            if head:
+                row["ksr_head"] = head
             row["ksr_k"] = ksr_k
         out[split] = row
     if update_card and out and params is not None:

@@ -176,7 +176,7 @@ def _eval_adapted(args: argparse.Namespace, scored: dict) -> dict:
 
     return evaluate_adapted(args.model, args.corpus, args.corpus_format, args.split, scored, cache=args.cache,
                             ksr=args.ksr, ksr_k=args.ksr_k, ksr_words=args.ksr_words, ngram_order=args.ngram_order,
-                            threads=args.threads, update_card=args.update_card)
+                            threads=args.threads, update_card=args.update_card, ksr_head=args.ksr_head)
 
 
 _NGRAM_CACHE: dict = {}
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the cache and suggestion rotation, and the n-gram baseline's")
     p.add_argument("--ksr-k", type=int, default=3, help="suggestions offered per keystroke")
     p.add_argument("--ksr-words", type=int, default=None, help="simulate only the first N typed words")
+    p.add_argument("--ksr-head", type=int, default=1889, help="also report the first N typed words alone (the "
+                   "words nextword-train presage types by default: the first test file)")
     p.add_argument("--update-card", action="store_true", help="store the cache/KSR figures under the cache "
                    "section of model.json")
     p.set_defaults(func=cmd_eval)
