@@ -259,13 +259,13 @@ def cmd_fit_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_presage(args: argparse.Namespace) -> int:
-    from training.presage import presage_ksr
+    from training.presage import MODES, presage_ksr
 
     result = presage_ksr(args.corpus, args.work, args.split, args.words, args.suggestions)
-    for mode in ("static", "learning"):
+    for mode in MODES:
         r = result[mode]
-        print(f"presage {mode:<8} KSR top-{args.suggestions} {100 * r['ksr']:6.2f}%  ({result['words']} words of "
-              f"{args.split}, kn={r.get('kn')})")
+        print(f"presage {mode:<15} KSR top-{args.suggestions} {100 * r['ksr']:6.2f}%  ({result['words']} words of "
+              f"{args.split}, kn={r.get('kn')}, REPEAT_SUGGESTIONS={'no' if r['rotation'] else 'yes'})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

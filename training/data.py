@@ -244,6 +244,8 @@ def split_documents(path: str | Path, fmt: str, split: str) -> list[list[str]]:
     """A split as its documents, in reading order (concatenated, they are the split's stream):
     one per Brown file for ``brown``, the whole split as one document otherwise. A session-like
     cache starts afresh at each document."""
+    if fmt == "auto":
+        fmt = detect_format(path)
     if fmt == "brown":
         return [stream(brown_sentences(p)) for i, p in enumerate(brown_files(path)) if brown_split_of(i) == split]
     return [getattr(load_corpus(path, fmt), split)]

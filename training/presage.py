@@ -1,8 +1,8 @@
 """Keystroke savings of Debian's ``presage`` (a smoothed trigram plus, with online learning, a
 user n-gram model learnt while typing and a recency predictor) on the same words as
-``nextword-train eval --ksr``: the first N alphabetic words of a Brown-LM split, typed by
-``presage_simulator`` with 3 suggestions. Its n-gram database is built by ``text2ngram`` from the
-Brown-LM training split (``-n 1..3 -l -f sqlite``).
+``nextword-train eval --ksr``: the first N alphabetic words of a Brown-LM split (the very same
+words, one sentence a line), typed by ``presage_simulator`` with 3 suggestions. Its n-gram
+database is built by ``text2ngram`` from the Brown-LM training split (``-n 1..3 -l -f sqlite``).
 
 Needs the ``presage`` package (``apt-get install presage``: ``text2ngram``, ``presage_simulator``,
 ``/etc/presage.xml``). The simulator counts every character of its text file as a keystroke
@@ -16,7 +16,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from training.data import brown_files, brown_sentences, brown_split_of
+from nextword.text import EOS
+from training.data import brown_files, brown_sentences, brown_split_of, split_documents
 
 SYSTEM_CONFIG = Path("/etc/presage.xml")
 ALL_PREDICTORS = ("DefaultAbbreviationExpansionPredictor DefaultSmoothedNgramPredictor UserSmoothedNgramPredictor "
@@ -55,26 +56,34 @@ def build_database(corpus: str | Path, work: Path) -> Path:
 
 
 def typed_text(corpus: str | Path, split: str, words: int) -> tuple[str, int]:
-    """The split's first ``words`` alphabetic words, one sentence a line (what the model's KSR types)."""
-    lines, count = [], 0
-    for i, path in enumerate(brown_files(corpus)):
-        if brown_split_of(i) != split:
-            continue
-        for sentence in brown_sentences(path):
-            kept = [w for w in sentence if w.isalpha()][: words - count]
-            if kept:
-                lines.append(" ".join(kept))
-                count += len(kept)
-            if count >= words:
-                return "\n".join(lines) + "\n", count
-    return "\n".join(lines) + "\n", count
+    """The words ``nextword-train eval --ksr --ksr-words N`` types (:func:`typed_positions`: the
+    split's alphabetic words but its very first, which the model has no row for), at most
+    ``words`` of them, one sentence a line."""
+    from training.cache_eval import typed_positions
+
+    stream = [w for doc in split_documents(corpus, "brown", split) for w in doc]
+    typed = set((typed_positions(stream, limit=words) + 1).tolist())
+    lines: list[str] = []
+    sentence: list[str] = []
+    for j, w in enumerate(stream[: max(typed, default=0) + 1]):
+        if j in typed:
+            sentence.append(w)
+        if w == EOS and sentence:
+            lines.append(" ".join(sentence))
+            sentence = []
+    if sentence:
+        lines.append(" ".join(sentence))
+    return "\n".join(lines) + "\n", len(typed)
 
 
-def config(db: Path, user_db: Path, learning: bool, suggestions: int = 3) -> str:
-    """``/etc/presage.xml`` with our database, ``suggestions`` per prediction and online learning
-    (the user n-gram and recency predictors) on or off."""
+def config(db: Path, user_db: Path, learning: bool, suggestions: int = 3, rotate: bool = True) -> str:
+    """``/etc/presage.xml`` with our database, ``suggestions`` per prediction, online learning
+    (the user n-gram and recency predictors) on or off, and ``REPEAT_SUGGESTIONS`` = no (presage's
+    default: a suggestion passed over is not offered again for the same word, our rotation) or yes."""
     xml = SYSTEM_CONFIG.read_text(encoding="utf-8")
     xml = re.sub(r"<SUGGESTIONS>\d+</SUGGESTIONS>", f"<SUGGESTIONS>{suggestions}</SUGGESTIONS>", xml)
+    xml = re.sub(r"<REPEAT_SUGGESTIONS>\w+</REPEAT_SUGGESTIONS>",
+                 f"<REPEAT_SUGGESTIONS>{'no' if rotate else 'yes'}</REPEAT_SUGGESTIONS>", xml)
     xml = xml.replace("/usr/share/presage/database_en.db", str(db)).replace("${HOME}/.presage/lm.db", str(user_db))
     if not learning:
         xml = xml.replace(f"<PREDICTORS>{ALL_PREDICTORS}</PREDICTORS>", "<PREDICTORS>DefaultSmoothedNgramPredictor"
@@ -83,9 +92,16 @@ def config(db: Path, user_db: Path, learning: bool, suggestions: int = 3) -> str
     return xml
 
 
+# result keys: (online learning, rotation)
+MODES = {"static": (False, True), "learning": (True, True), "static-repeat": (False, False),
+         "learning-repeat": (True, False)}
+
+
 def presage_ksr(corpus: str | Path, work: str | Path, split: str = "test", words: int = 1889,
                 suggestions: int = 3) -> dict:
-    """KSR (%) of presage with online learning off and on, on the split's first ``words`` words."""
+    """KSR of presage on the split's first ``words`` typed words, for each of :data:`MODES`: online
+    learning off or on, each with presage's default ``REPEAT_SUGGESTIONS`` = no (rotation: compare
+    with our ``+rotation`` rows) and with it = yes (``-repeat``: compare with the rows without)."""
     simulator = _need("presage_simulator")
     if not SYSTEM_CONFIG.exists():
         raise PresageError(f"{SYSTEM_CONFIG} not found: install Debian's presage")
@@ -95,16 +111,16 @@ def presage_ksr(corpus: str | Path, work: str | Path, split: str = "test", words
     text, count = typed_text(corpus, split, words)
     (work / "typed.txt").write_text(text, encoding="utf-8")
     out: dict = {"words": count, "suggestions": suggestions, "split": split}
-    for learning in (False, True):
+    for mode, (learning, rotate) in MODES.items():
         user_db = work / "user.db"
         user_db.unlink(missing_ok=True)  # online learning starts from nothing, like a new user
-        conf = work / f"presage-{'learning' if learning else 'static'}.xml"
-        conf.write_text(config(db, user_db, learning, suggestions), encoding="utf-8")
+        conf = work / f"presage-{mode}.xml"
+        conf.write_text(config(db, user_db, learning, suggestions, rotate), encoding="utf-8")
         run = subprocess.run([simulator, "-i", "-q", "-c", str(conf), str(work / "typed.txt")],
                              capture_output=True, text=True, check=True)
         found = re.search(r"KSR:\s*([0-9.]+)", run.stdout)
         if found is None:
             raise PresageError(f"presage_simulator printed no KSR: {run.stdout[-500:]}")
         counts = {k: int(v) for k, v in re.findall(r"^(ki|ks|kn) : (\d+)", run.stdout, re.M)}
-        out["learning" if learning else "static"] = {"ksr": float(found.group(1)) / 100, **counts}
+        out[mode] = {"ksr": float(found.group(1)) / 100, "rotation": rotate, "learning": learning, **counts}
     return out
