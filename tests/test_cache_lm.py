@@ -237,6 +237,28 @@ def test_session_learn_false_and_rotation(client: TestClient) -> None:
     assert_same(r.json(), predict(client, "the quick the ", k=2), "after commit")
 
 
+def test_new_words_stay_in_their_session_and_an_incognito_update_is_not_learned(client: TestClient) -> None:
+    def session(text: str) -> str:
+        r = client.post("/v1/sessions", json={"k": 100, "text": text})
+        assert r.status_code == 201, r.text
+        return r.json()["session_id"]
+
+    def type_in(sid: str, text: str, **body: Any) -> dict[str, float]:
+        r = client.post(f"/v1/sessions/{sid}/text", json={"text": text, **body})
+        assert r.status_code == 200, r.text
+        return probs(r.json())
+
+    writer, other = session("the zorblat said the zorblat fox "), session("the quick fox ")
+    assert "zorblat" in type_in(writer, "zo")
+    assert "zorblat" not in type_in(other, "zo")  # never offered outside the session that typed it
+    assert "zorblat" not in probs(predict(client, "the quick fox zo"))
+    # learn: false on one update: that text is neither adapted to nor remembered afterwards
+    incognito = session("the quick fox ")
+    assert "zorblat" not in type_in(incognito, "the zorblat said the zorblat fox ", learn=False)
+    assert "zorblat" not in type_in(incognito, "zo")
+    assert "zorblat" in type_in(incognito, "rblat zorblat zo")  # typed twice with learning on
+
+
 def test_a_full_session_record_stays_under_64_kb() -> None:
     settings = Settings()
     words = ["extraordinarily"] * (settings.cache_window_words + 2)  # longer than most words
