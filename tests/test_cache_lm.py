@@ -33,7 +33,7 @@ from service.engine.vocab_index import VocabIndex
 from service.main import create_app
 from service.sessions import SessionRecord
 from service.sessions.redis_store import RedisStore
-from training.cache_eval import KsrVariant, cache_perplexity, keystrokes, model_ksr
+from training.cache_eval import KsrVariant, Suggester, cache_perplexity, keystrokes, model_ksr
 from training.cache_fit import CacheFitter
 
 pytestmark = pytest.mark.timeout(300)
@@ -107,8 +107,23 @@ def test_selection_without_a_cache_is_the_vocabulary_top_k_and_rotation_skips_wo
     assert plain.words == index.decode(top.ids) and plain.log_probs == [float(x) for x in top.log_probs]
     rotated = select_words(index, AdaptedRow(row), 2, "t", frozenset({"the"}))
     assert rotated.words == ["then", "they"]
-    assert keystrokes(index, AdaptedRow(row), "they", k=1) == 5  # t-h-e-y typed: as many as without
-    assert keystrokes(index, AdaptedRow(row), "they", k=1, rotate=True) == 3  # "the", "then" passed over
+    assert keystrokes(Suggester(index), AdaptedRow(row), "they", k=1) == 5  # t-h-e-y typed: as many as without
+    # "the", "then" passed over
+    assert keystrokes(Suggester(index), AdaptedRow(row), "they", k=1, rotate=True) == 3
+
+
+def test_keystroke_simulation_uses_the_service_selection_and_its_settings(tmp_path: Path) -> None:
+    """A blocklisted word is never offered to the simulated user (the service's selection with its
+    NEXTWORD_BLOCKLIST), and with the list off it is picked like any other word."""
+    vocab = Vocab(["<unk>", "<eos>", "the", "then", "they", "to", "a"])
+    row = AdaptedRow(np.log(np.asarray([0.1, 0.1, 0.3, 0.2, 0.15, 0.1, 0.05], np.float32)))
+    blocklist = tmp_path / "blocked.txt"
+    blocklist.write_text("then\n")
+    listed = Suggester.for_vocab(vocab, Settings(blocklist=str(blocklist), corrections=False))
+    unlisted = Suggester.for_vocab(vocab, Settings(blocklist="off", corrections=False))
+    assert keystrokes(listed, row, "then", k=3) == 5 and keystrokes(unlisted, row, "then", k=3) == 1
+    assert "blocklist on, typo corrections off" in listed.describe()
+    assert Suggester.for_vocab(vocab, Settings(blocklist="off")).corrector is not None
 
 
 def test_fitter_agrees_with_the_service_code_position_by_position() -> None:
@@ -303,6 +318,7 @@ def test_fit_cache_and_eval_cli(tmp_path: Path) -> None:
     assert report["ksr"]["model+cache"]["ksr"] > report["ksr"]["model"]["ksr"]
     assert report["ksr"]["kn2"]["words"] == 60 and report["ksr_head"]["kn2"]["words"] == 25
     assert report["ksr_head"]["model+cache"]["words"] == 25
+    assert report["ksr_selection"].startswith("blocklist on, typo corrections on")  # the service defaults
     evaluation = A.read_card(target).cache["evaluation"]  # --update-card
     assert evaluation == json.loads(out.read_text())["adapted"]
     assert "command" not in A.read_card(target).cache  # --no-record-command

@@ -1,15 +1,18 @@
 """Evaluation of a writer-adapted model: perplexity with the cache, and keystroke savings.
 
 Both go through the service's own code (``service/engine/cache_lm.py`` for the mixture and the new
-words, ``VocabIndex`` for selection), one position at a time, on a split read as documents in
-order: the model's state is carried across the split as in ``eval`` and the cache starts empty at
-each document, as a session would for each text.
+words, ``service/engine/suggest.py``'s ``select`` for the suggestions, with the blocklist and typo
+corrections as the service's settings have them: both on by default), one position at a time, on a
+split read as documents in order: the model's state is carried across the split as in ``eval`` and
+the cache starts empty at each document, as a session would for each text.
 
 **Keystroke savings rate** (KSR): a simulated user types each alphabetic word letter by letter and
 picks it as soon as it is among the ``k`` suggestions (a pick costs one keystroke and inserts the
 word and its space); a word never offered costs its letters and a space. KSR = 1 − keystrokes with
 suggestions / (letters + spaces) without. Other tokens (punctuation, numbers, sentence ends) are
-read as context but not typed.
+read as context but not typed. A suggestion counts when its model word is the typed word: the
+words are compared in lowercase (the Brown-LM words are lowercased, and a suggestion's written
+form, "John" or "States", is the same word), as presage's simulator runs with ``-i``.
 
 Rows for every position come from the predict graph, with the split cut into ``lanes`` contiguous
 segments stepped together one token at a time (batch = lanes), each segment starting from the
@@ -28,7 +31,12 @@ import numpy as np
 from tqdm import tqdm
 
 from nextword import artifact as A
-from service.engine.cache_lm import AdaptedRow, CacheParams, adapt, cache_distribution, select_words
+from nextword.vocab import Vocab
+from service.config import Settings
+from service.engine.blocklist import blocked_ids, blocklist_path, read_blocklist
+from service.engine.cache_lm import AdaptedRow, CacheParams, adapt, cache_distribution
+from service.engine.correct import Corrector
+from service.engine.suggest import select
 from service.engine.vocab_index import VocabIndex
 from training.cache_fit import document_starts
 from training.evaluate import _session, load_artifact
@@ -89,12 +97,39 @@ def stream_rows(model_dir: str | Path, ids: np.ndarray, wanted: np.ndarray, lane
             yield int(pos[lane]), log_probs[lane]
 
 
-def keystrokes(index: VocabIndex, row: AdaptedRow, word: str, k: int = 3, rotate: bool = False) -> int:
+@dataclass(frozen=True)
+class Suggester:
+    """What the service's ``select`` reads of a loaded version (``service/engine/repository.py``):
+    the vocabulary index with the blocklist, the correction index, and no casing (the simulated
+    user's words are matched as model words)."""
+
+    index: VocabIndex
+    corrector: Corrector | None = None
+    casing: None = None
+
+    @classmethod
+    def for_vocab(cls, vocab: Vocab, settings: Settings | None = None) -> Suggester:
+        """As the repository builds it under ``settings`` (default: the environment's
+        ``NEXTWORD_BLOCKLIST`` and ``NEXTWORD_CORRECTIONS``)."""
+        s = settings or Settings()
+        blocklist = read_blocklist(blocklist_path(s.blocklist))
+        index = VocabIndex(vocab, blocked_ids(vocab, blocklist), blocklist)
+        return cls(index, Corrector(index) if s.corrections else None)
+
+    def describe(self) -> str:
+        return (f"blocklist {'on' if self.index.blocked_words else 'off'}, typo corrections "
+                f"{'on' if self.corrector is not None else 'off'}, words matched case-insensitively")
+
+
+def keystrokes(suggester: Suggester, row: AdaptedRow, word: str, k: int = 3, rotate: bool = False) -> int:
     """Keystrokes to enter ``word`` and its space with ``k`` suggestions (see the module docstring).
-    ``rotate``: words offered earlier for this word and passed over are left out afterwards."""
+    ``rotate``: words offered earlier for this word and passed over are left out afterwards (as a
+    session with ``rotate`` does: ``service/sessions/manager.py``)."""
     passed: set[str] = set()
     for typed in range(len(word) + 1):
-        offered = select_words(index, row, k, word[:typed], frozenset(passed) if rotate else frozenset()).words
+        exclude = frozenset(passed) if rotate else frozenset()
+        candidates, _ = select(suggester, row, k, word[:typed], exclude=exclude)  # type: ignore[arg-type]
+        offered = [c.word for c in candidates]
         if word in offered:
             return typed + 1
         if rotate:
@@ -139,11 +174,12 @@ class KsrVariant:
 
 def model_ksr(model_dir: str | Path, documents: Sequence[Sequence[str]], variants: Sequence[KsrVariant],
               k: int = 3, new_word_count: int = 2, limit: int | None = None, lanes: int = 64,
-              threads: int | None = None, progress: bool = True, head: int = 0) -> None:
+              threads: int | None = None, progress: bool = True, head: int = 0,
+              suggester: Suggester | None = None) -> None:
     """Fill each variant's keystroke count on the split (its first ``limit`` typed words), and
     its ``head`` count on the first ``head`` typed words."""
     card, vocab = load_artifact(model_dir)
-    index = VocabIndex(vocab)
+    suggester = suggester or Suggester.for_vocab(vocab)
     words = [w for doc in documents for w in doc]
     ids = np.asarray(vocab.encode(words), dtype=np.int64)
     starts = document_starts([len(d) for d in documents])
@@ -157,17 +193,17 @@ def model_ksr(model_dir: str | Path, documents: Sequence[Sequence[str]], variant
         for v in variants:
             if v.params not in adapted:
                 adapted[v.params] = adapt(row, words[lo:j], ids[lo:j], v.params, vocab.unk_id, new_word_count)
-            strokes = keystrokes(index, adapted[v.params], words[j], k, v.rotate)
+            strokes = keystrokes(suggester, adapted[v.params], words[j], k, v.rotate)
             v.count.add(words[j], strokes)
             if i in first:
                 v.head.add(words[j], strokes)
 
 
 def ngram_ksr(model, vocab, documents: Sequence[Sequence[str]], k: int = 3, limit: int | None = None,
-              batch: int = 256, head: int = 0) -> tuple[KsrCount, KsrCount]:
+              batch: int = 256, head: int = 0, settings: Settings | None = None) -> tuple[KsrCount, KsrCount]:
     """The same simulation on a fitted :class:`training.ngram.KneserNey` (no cache): the count
     over the typed words and over the first ``head`` of them."""
-    index = VocabIndex(vocab)
+    suggester = Suggester.for_vocab(vocab, settings)
     words = [w for doc in documents for w in doc]
     ids = np.asarray(vocab.encode(words), dtype=np.int64)
     wanted = typed_positions(words, limit=limit)
@@ -177,7 +213,7 @@ def ngram_ksr(model, vocab, documents: Sequence[Sequence[str]], k: int = 3, limi
         pos = wanted[s : s + batch]
         rows = np.log(model._distributions(ctx[pos + 1])).astype(np.float32)
         for n, (i, row) in enumerate(zip(pos, rows, strict=True)):
-            strokes = keystrokes(index, AdaptedRow(row), words[i + 1], k)
+            strokes = keystrokes(suggester, AdaptedRow(row), words[i + 1], k)
             count.add(words[i + 1], strokes)
             if s + n < head:
                 first.add(words[i + 1], strokes)
@@ -217,10 +253,16 @@ def evaluate_adapted(model_dir: str | Path, corpus: str | Path, corpus_format: s
                 print(f"{split:<6} ppl {row['ppl']:.2f} -> {row['ppl_cache']:.2f} with the cache "
                       f"({100 * row['ppl_reduction']:.1f}% lower; cache reset at each of {len(docs)} documents)")
         if ksr:
+            # the suggestions as the service makes them under its settings (environment)
+            settings = Settings()
+            suggester = Suggester.for_vocab(vocab, settings)
+            print(f"{split:<6} KSR through the service's selection: {suggester.describe()}")
             variants = [KsrVariant("model", None), KsrVariant("model+rotation", None, rotate=True)]
-            if params is not None:
-                variants += [KsrVariant("model+cache", params), KsrVariant("model+cache+rotation", params, True)]
-            model_ksr(model_dir, docs, variants, k=ksr_k, limit=ksr_words, threads=threads, head=ksr_head)
+            if params is not None and settings.adaptation and settings.cache_window_words > 0:
+                served = params.limited(settings.cache_window_words)
+                variants += [KsrVariant("model+cache", served), KsrVariant("model+cache+rotation", served, True)]
+            model_ksr(model_dir, docs, variants, k=ksr_k, new_word_count=settings.new_word_min_count,
+                      limit=ksr_words, threads=threads, head=ksr_head, suggester=suggester)
             counts = {v.name: v.count.result() for v in variants}
             head = {v.name: v.head.result() for v in variants if v.head.words}
             if ngram_order:
@@ -230,7 +272,7 @@ def evaluate_adapted(model_dir: str | Path, corpus: str | Path, corpus_format: s
                     train = load_corpus(corpus, corpus_format).train
                     kn_vocab = build_vocab(train)
                     kn = (KneserNey(ngram_order).fit(kn_vocab.encode(train), len(kn_vocab)), kn_vocab)
-                whole, first = ngram_ksr(kn[0], kn[1], docs, ksr_k, ksr_words, head=ksr_head)
+                whole, first = ngram_ksr(kn[0], kn[1], docs, ksr_k, ksr_words, head=ksr_head, settings=settings)
                 counts[f"kn{ngram_order}"] = whole.result()
                 if first.words:
                     head[f"kn{ngram_order}"] = first.result()
@@ -242,6 +284,7 @@ def evaluate_adapted(model_dir: str | Path, corpus: str | Path, corpus_format: s
             if head:
                 row["ksr_head"] = head
             row["ksr_k"] = ksr_k
+            row["ksr_selection"] = suggester.describe()
         out[split] = row
     if update_card and out and params is not None:
         card = A.read_card(model_dir)
