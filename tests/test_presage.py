@@ -11,7 +11,7 @@ import pytest
 
 from training.cache_eval import typed_positions
 from training.data import split_documents
-from training.presage import MODES, SYSTEM_CONFIG, config, presage_ksr, typed_text
+from training.presage import MODES, SYSTEM_CONFIG, PresageError, config, presage_ksr, typed_text
 
 SENTENCES = [
     "Vincent/np G./np Ierulli/np has/hvz been/ben appointed/vbn ./.",
@@ -74,3 +74,7 @@ def test_presage_ksr_runs_on_the_same_words(tmp_path: Path) -> None:
         assert result[mode]["learning"] is learning and result[mode]["rotation"] is rotate
     written = (tmp_path / "work" / "presage-static-repeat.xml").read_text()
     assert "<REPEAT_SUGGESTIONS>yes</REPEAT_SUGGESTIONS>" in written
+    only = presage_ksr(corpus, tmp_path / "work", "test", 12, modes=["learning-repeat"])
+    assert only["learning-repeat"] == result["learning-repeat"] and "static" not in only
+    with pytest.raises(PresageError, match="unknown presage modes"):
+        presage_ksr(corpus, tmp_path / "work", "test", 12, modes=["fast"])

@@ -259,10 +259,10 @@ def cmd_fit_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_presage(args: argparse.Namespace) -> int:
-    from training.presage import MODES, presage_ksr
+    from training.presage import presage_ksr
 
-    result = presage_ksr(args.corpus, args.work, args.split, args.words, args.suggestions)
-    for mode in MODES:
+    result = presage_ksr(args.corpus, args.work, args.split, args.words, args.suggestions, args.modes)
+    for mode in args.modes:
         r = result[mode]
         print(f"presage {mode:<15} KSR top-{args.suggestions} {100 * r['ksr']:6.2f}%  ({result['words']} words of "
               f"{args.split}, kn={r.get('kn')}, REPEAT_SUGGESTIONS={'no' if r['rotation'] else 'yes'})")
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ksr-k", type=int, default=3, help="suggestions offered per keystroke")
     p.add_argument("--ksr-words", type=int, default=None, help="simulate only the first N typed words")
     p.add_argument("--ksr-head", type=int, default=1889, help="also report the first N typed words alone (the "
-                   "words nextword-train presage types by default: the first test file)")
+                   "words nextword-train presage --words N types)")
     p.add_argument("--update-card", action="store_true", help="store the cache/KSR figures under the cache "
                    "section of model.json")
     p.set_defaults(func=cmd_eval)
@@ -405,12 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="keystroke savings of Debian's presage on the words eval --ksr types",
         description="Builds presage's n-gram database from the Brown-LM training split (text2ngram -n 1..3) and "
         "runs presage_simulator with 3 suggestions on the split's first N alphabetic words, with online learning "
-        "off and on. Compare with: nextword-train eval --ksr --ksr-words N.",
+        "off and on, with and without its suggestion rotation. Compare with: nextword-train eval --ksr "
+        "--ksr-head N (the same words).",
     )
     p.add_argument("--corpus", default=DEFAULT_BROWN, help=f"the Brown directory (default: {DEFAULT_BROWN})")
     p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--words", type=int, default=1889, help="typed words (default: all of the first test file)")
+    p.add_argument("--words", type=int, default=1889, help="typed words (default: the first test file's 1,888 "
+                   "and one more)")
     p.add_argument("--suggestions", type=int, default=3)
+    p.add_argument("--modes", nargs="+", default=["static", "learning", "static-repeat", "learning-repeat"],
+                   choices=["static", "learning", "static-repeat", "learning-repeat"],
+                   help="online learning off (static) or on, with presage's default suggestion rotation "
+                   "(REPEAT_SUGGESTIONS no) or without it (-repeat)")
     p.add_argument("--work", default="runs/presage", help="where the database and configurations go")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=cmd_presage)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from nextword.text import EOS
@@ -98,10 +99,14 @@ MODES = {"static": (False, True), "learning": (True, True), "static-repeat": (Fa
 
 
 def presage_ksr(corpus: str | Path, work: str | Path, split: str = "test", words: int = 1889,
-                suggestions: int = 3) -> dict:
+                suggestions: int = 3, modes: Sequence[str] = tuple(MODES)) -> dict:
     """KSR of presage on the split's first ``words`` typed words, for each of :data:`MODES`: online
     learning off or on, each with presage's default ``REPEAT_SUGGESTIONS`` = no (rotation: compare
-    with our ``+rotation`` rows) and with it = yes (``-repeat``: compare with the rows without)."""
+    with our ``+rotation`` rows) and with it = yes (``-repeat``: compare with the rows without);
+    ``modes``: only those."""
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise PresageError(f"unknown presage modes {sorted(unknown)}; known: {', '.join(MODES)}")
     simulator = _need("presage_simulator")
     if not SYSTEM_CONFIG.exists():
         raise PresageError(f"{SYSTEM_CONFIG} not found: install Debian's presage")
@@ -111,7 +116,8 @@ def presage_ksr(corpus: str | Path, work: str | Path, split: str = "test", words
     text, count = typed_text(corpus, split, words)
     (work / "typed.txt").write_text(text, encoding="utf-8")
     out: dict = {"words": count, "suggestions": suggestions, "split": split}
-    for mode, (learning, rotate) in MODES.items():
+    for mode in modes:
+        learning, rotate = MODES[mode]
         user_db = work / "user.db"
         user_db.unlink(missing_ok=True)  # online learning starts from nothing, like a new user
         conf = work / f"presage-{mode}.xml"
