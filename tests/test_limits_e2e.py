@@ -100,6 +100,8 @@ def test_full_batch_of_long_texts_is_served(brown: Server) -> None:
         assert len(results) == settings.max_batch_items
         assert all(x["truncated"] and x["context_words"] == settings.context_words for x in results)
         assert mem.peak_mb() - idle < PEAK_LIMIT_MB
+        # onnxruntime's arena kept the batch's ~370 MB for good until big runs shrank it afterwards.
+        assert mem.rss_mb() - idle < 150, f"the batch's memory was not returned: {mem.rss_mb() - idle:.0f} MB"
 
 
 def test_largest_generation_session_and_kserve_batch_are_served(brown: Server) -> None:

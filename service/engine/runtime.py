@@ -32,6 +32,11 @@ log = logging.getLogger("service.engine.runtime")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 GRAPHS = ("predict", "score")
+# A run over this many tokens (batch x time) or more returns its memory when done. onnxruntime's
+# arena keeps what the largest run needed for the life of the session: one full batch of 512-word
+# contexts (64 x 513 tokens) left the process 370 MB larger for good; shrunk after the run, 60 MB.
+# Ordinary batches (64 prompts of 5-20 words: ~1,300 tokens) stay below it and pay nothing.
+SHRINK_ARENA_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,14 @@ class ModelRuntime:
         session = self.sessions[graph]
         if shared and self.shared_sessions is not None:
             session = self.shared_sessions.get(graph, session)
+        tokens = feeds.get(A.TOKENS)
+        options = self._shrink_options() if tokens is not None and tokens.size >= SHRINK_ARENA_TOKENS else None
         start = time.perf_counter()
-        result = session.run(outputs, feeds)
+        result = session.run(outputs, feeds, options)
         return result, time.perf_counter() - start
+
+    def _shrink_options(self) -> ort.RunOptions:
+        options = ort.RunOptions()
+        arenas = "cpu:0;gpu:0" if self.device == "cuda" else "cpu:0"
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
+        return options
