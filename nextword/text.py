@@ -88,6 +88,14 @@ def tokenize(text: str) -> list[str]:
     return [w for chunk in text.split() for w in tokenize_chunk(chunk)]
 
 
+def as_written(words: list[str], cased: list[str]) -> list[str]:
+    """``words`` (lowercase tokens) each in the case ``cased`` (the same tokens as written, from
+    :func:`tokenize_cased`) gives it, where the two line up; elsewhere the word stays lowercase."""
+    if len(cased) < len(words):
+        return list(words)
+    return [c if c.lower() == w else w for w, c in zip(words, cased, strict=False)]
+
+
 @dataclass(frozen=True)
 class SplitText:
     """Text split the way a keyboard sees it.
@@ -106,6 +114,15 @@ class SplitText:
     @property
     def context(self) -> list[str]:
         return self.committed + self.tail
+
+    def written(self, text: str) -> tuple[list[str], list[str]]:
+        """``committed`` and ``tail`` as written in ``text`` (the text this split was made from):
+        each word in the case it was typed in where it can be lined up, else lowercase. What a
+        new word (outside the vocabulary) is offered as."""
+        head = text[: len(text) - len(self.pending)]
+        committed = as_written(self.committed, tokenize_cased(head)) if self.committed else []
+        tail = as_written(self.tail, tokenize_cased(self.pending)[: len(self.tail)]) if self.tail else []
+        return committed, tail
 
 
 def split_text(text: str) -> SplitText:

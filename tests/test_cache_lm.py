@@ -96,6 +96,15 @@ def test_new_words_need_the_minimum_count_and_stay_spelled_as_typed() -> None:
     assert "zorblat" in select_words(index, adapted, 10, "").words
     assert adapt(row, words, ids, params, vocab.unk_id, min_count=3).new_words == ()
     assert adapt(row, words, ids, None, vocab.unk_id, min_count=2).new_words == ()
+    # counted whatever their case, offered as the lowercase word, kept as last written for display
+    written = ["the", "zorblat", "sat", "Zorblat", "quux", "the"]
+    cased = adapt(row, written, ids, params, vocab.unk_id, min_count=2)
+    assert cased.new_words == ("zorblat",) and cased.new_written == ("Zorblat",)
+    assert cased.written("zorblat") == "Zorblat" and cased.written("the") == "the"
+    assert np.array_equal(cased.new_log_probs, adapted.new_log_probs)
+    assert adapted.new_written == () and adapted.written("zorblat") == "zorblat"
+    again = adapt(row, ["the", "Zorblat", "sat", "zorblat", "quux", "the"], ids, params, vocab.unk_id, min_count=2)
+    assert again.new_written == () and again.written("zorblat") == "zorblat"  # last written in lowercase
 
 
 def test_selection_without_a_cache_is_the_vocabulary_top_k_and_rotation_skips_words() -> None:
@@ -185,12 +194,13 @@ def assert_same(a: dict, b: dict, where: object) -> None:
     assert a["prefix"] == b["prefix"] and a["matches"] == b["matches"], where
     pa, pb = probs(a), probs(b)
     assert set(pa) == set(pb), where
+    assert [p["display"] for p in a["predictions"]] == [p["display"] for p in b["predictions"]], where
     for w, p in pb.items():
         assert abs(pa[w] - p) <= 1e-5, (where, w)
     assert abs(a["prefix_probability"] - b["prefix_probability"]) <= 1e-5, where
 
 
-TEXT_WORDS = ["the", "quick", "fox", "zorblat", "said", "the", "zorblat", "fox", "quux", ".", "the", "quick", "zo"]
+TEXT_WORDS = ["the", "quick", "fox", "zorblat", "said", "the", "Zorblat", "fox", "quux", ".", "The", "quick", "zo"]
 
 
 def test_cache_changes_predictions_and_learn_false_restores_them(client: TestClient,
@@ -214,6 +224,19 @@ def test_new_words_are_offered_after_two_uses_and_not_with_learn_false(client: T
     # with corrections on, a fragment nothing completes is offered corrections only (never the new word)
     incognito = predict(client, "the zorblat said the zorblat fox zo", learn=False)["predictions"]
     assert incognito and all(p["correction"] and p["word"] != "zorblat" for p in incognito)
+
+
+def test_new_words_are_written_as_the_writer_last_wrote_them(client: TestClient) -> None:
+    def offered(body: dict) -> dict[str, str]:
+        return {p["word"]: p["display"] for p in body["predictions"]}
+
+    assert offered(predict(client, "the zorblat said the Zorblat fox zo")) == {"zorblat": "Zorblat"}
+    assert offered(predict(client, "the Zorblat said the zorblat fox zo")) == {"zorblat": "zorblat"}
+    assert offered(predict(client, "the zorblat said the ZORBLAT fox "))["zorblat"] == "ZORBLAT"
+    sid = client.post("/v1/sessions", json={"k": 100, "text": "the zorblat said the Zorb"}).json()["session_id"]
+    r = client.post(f"/v1/sessions/{sid}/text", json={"text": "lat fox z"})
+    assert offered(r.json()) == {"zorblat": "Zorblat"}
+    assert offered(predict(client, "the zorblat said the Zorblat fox z")) == {"zorblat": "Zorblat"}
 
 
 @hypothesis_settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

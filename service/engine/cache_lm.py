@@ -28,8 +28,10 @@ a session's next-word distribution must hold :class:`AdaptedRow` (the mixed row 
 new words), not the model's raw row.
 
 **New words.** Words outside the vocabulary (``<unk>`` to the model) that were typed at least
-``min_count`` times in the window are offered spelled as typed: the mixed probability of ``<unk>``
-is shared among them in proportion to their decayed counts.
+``min_count`` times in the window (in any case) are offered: the mixed probability of ``<unk>`` is
+shared among them in proportion to their decayed counts. The context words given here may carry
+their written case (the model reads the ids of their lowercase): a new word is then the lowercase
+word, as the vocabulary's are, and keeps the form it was last written in ("Ierulli") for display.
 """
 
 from __future__ import annotations
@@ -175,34 +177,46 @@ class AdaptedRow:
     log_probs: np.ndarray
     new_words: tuple[str, ...] = ()
     new_log_probs: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
+    new_written: tuple[str, ...] = ()  # each new word as last written (case kept); () = as new_words
+
+    def written(self, word: str) -> str:
+        """How a new word was written (the word itself when not known)."""
+        if self.new_written:
+            for w, form in zip(self.new_words, self.new_written, strict=True):
+                if w == word:
+                    return form
+        return word
 
 
 def new_words(
     words: Sequence[str], ids: Sequence[int] | np.ndarray, unk_id: int, unk_log_prob: float, window: int,
     decay: float, min_count: int,
-) -> tuple[tuple[str, ...], np.ndarray]:
+) -> tuple[tuple[str, ...], np.ndarray, tuple[str, ...]]:
     """Out-of-vocabulary words of the last ``window`` context words typed at least ``min_count``
-    times there, sharing the (mixed) ``<unk>`` probability by decayed count, most recent first on ties."""
+    times there (in lowercase, whatever their case), sharing the (mixed) ``<unk>`` probability by
+    decayed count, most recent first on ties; and each as last written."""
     words = list(words)[-window:]
     ids = np.asarray(ids, dtype=np.int64)[-window:]
     oov = np.flatnonzero(ids == unk_id)
     if oov.size == 0:
-        return (), np.empty(0, np.float64)
+        return (), np.empty(0, np.float64), ()
     n = ids.size
     counts: dict[str, int] = {}
     weight: dict[str, float] = {}
+    written: dict[str, str] = {}  # the last written form of each
     for m in oov.tolist():
-        w = words[m]
+        w = words[m].lower()
         if w.startswith("<"):  # a literal "<unk>" typed by the user is no word to offer
             continue
         counts[w] = counts.get(w, 0) + 1
         weight[w] = weight.get(w, 0.0) + decay ** (n - m - 1)
+        written[w] = words[m]
     total = sum(weight.values())
     chosen = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-weight[w], w))
     if not chosen or total <= 0:
-        return (), np.empty(0, np.float64)
+        return (), np.empty(0, np.float64), ()
     lps = np.asarray([unk_log_prob + math.log(weight[w] / total) for w in chosen], dtype=np.float64)
-    return tuple(chosen), lps
+    return tuple(chosen), lps, tuple(written[w] for w in chosen)
 
 
 def adapt(
@@ -218,9 +232,9 @@ def adapt(
     row = mix(log_probs, cache_distribution(ids, params))
     if min_count <= 0:
         return AdaptedRow(row)
-    found, lps = new_words(words[-params.history :], ids, unk_id, float(row[unk_id]), params.window,
-                           params.decay, min_count)
-    return AdaptedRow(row, found, lps)
+    found, lps, written = new_words(words[-params.history :], ids, unk_id, float(row[unk_id]), params.window,
+                                    params.decay, min_count)
+    return AdaptedRow(row, found, lps, written if written != found else ())
 
 
 @dataclass(frozen=True)

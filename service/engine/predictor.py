@@ -99,7 +99,8 @@ def adapt_row(
     version: LoadedVersion, settings: Settings, log_probs: np.ndarray, words: Sequence[str],
     ids: Sequence[int] | np.ndarray, learn: bool = True,
 ) -> AdaptedRow:
-    """The next-word distribution after ``words`` (the context the model read, ids ``ids``): the
+    """The next-word distribution after ``words`` (the context the model read, ids ``ids``: those
+    of the lowercase words, while ``words`` may be as written, which is how new words are offered): the
     model's row with the version's fitted cache over those words mixed in and the text's new words
     (``service/engine/cache_lm.py``), or the row as it is when the version has no cache, adaptation
     is off (``NEXTWORD_ADAPTATION``) or the request says ``learn: false``."""
@@ -165,7 +166,12 @@ class Predictor:
                 for (i, split, kept, truncated, words, _), out in zip(prepared, outputs, strict=True):
                     assert out.log_probs is not None
                     q = queries[i]
-                    row = adapt_row(version, self.settings, out.log_probs, words, version.vocab.encode(words), q.learn)
+                    ids = version.vocab.encode(words)
+                    if q.learn and version.vocab.unk_id in ids:
+                        # new words are offered as written: the same words with their case
+                        committed, tail = split.written(q.text)
+                        words = (committed + tail)[-len(words) :]
+                    row = adapt_row(version, self.settings, out.log_probs, words, ids, q.learn)
                     results[i] = self._prediction(version, row, q, split, kept, truncated)
 
             await self.with_version(key[0], key[1], on)

@@ -13,8 +13,8 @@ candidates (one error; see :mod:`service.engine.correct`).
 The row may be an adapted one (:class:`~service.engine.cache_lm.AdaptedRow`: the cache language
 model mixed in, and the text's new words beside the vocabulary). New words take part in the top
 ``k`` and the blocklist like vocabulary words; they are never corrections, and having no casing
-statistics they are written as typed (lowercase, capitalised only at a sentence start or after a
-capitalised fragment).
+statistics they are written as the writer last wrote them ("Ierulli"; capitalised at a sentence
+start or after a capitalised fragment, all capitals after a fragment in capitals).
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ def select(
     for word, word_id, lp, fix in chosen:
         if casing is not None and word_id >= 0:
             display = casing.display(word_id, writing.sentence_start, writing.typed)
+        elif word_id < 0:  # a new word: as the writer last wrote it ("Ierulli")
+            form = adapted.written(word)
+            display = write_as(form, writing.sentence_start, writing.typed) if casing is not None else form
         else:
             display = write_as(word, writing.sentence_start, writing.typed) if casing is not None else word
         candidates.append(Candidate(word, word_id, lp, math.exp(lp), display, fix))

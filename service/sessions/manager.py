@@ -267,7 +267,8 @@ class SessionManager:
         keeps; whatever it reads from ``record`` must be in :meth:`stamp` (``learned`` follows
         from the committed words)."""
         context = record.learned + tail if learn else []
-        return adapt_row(lv, self.settings, log_probs, context, lv.vocab.encode(context), learn)
+        # the words as written (new words are offered so), the model's ids from their lowercase
+        return adapt_row(lv, self.settings, log_probs, context, lv.vocab.encode([w.lower() for w in context]), learn)
 
     def stamp(self, record: SessionRecord, tail: list[str], learn: bool) -> Hashable:
         """Everything besides the model version and the state arrays that the final row depends
@@ -277,6 +278,7 @@ class SessionManager:
     async def _advance(self, record: SessionRecord, raw: str, k: int, learn: bool = True,
                        options: SuggestOptions | None = None) -> SessionResult:
         split = split_text(raw)
+        written, tail = split.written(raw)  # committed and tail words as typed (case kept)
         learn = learn and record.learn
         if options is None:
             options = SuggestOptions(record.filter, record.corrections)
@@ -287,7 +289,7 @@ class SessionManager:
         if not split.committed and self.rows.enabled:
             lv, rebuilt = self._version_for(record)
             if not rebuilt:
-                row = self.rows.get(record.id, lv, self.stamp(record, split.tail, learn), record.state)
+                row = self.rows.get(record.id, lv, self.stamp(record, tail, learn), record.state)
                 if row is not None:
                     record.pending = split.pending
                     return self._result(lv, record, row, k, split, writing, options, rebuilt=False)
@@ -335,10 +337,10 @@ class SessionManager:
         keep = self.settings.session_rebuild_words
         record.recent_words = (record.recent_words + split.committed)[-keep:]
         if learn and self.settings.adaptation and self.settings.cache_window_words > 0:
-            record.learned = (record.learned + split.committed)[-(self.settings.cache_window_words + 2) :]
+            record.learned = (record.learned + written)[-(self.settings.cache_window_words + 2) :]
         record.pending = split.pending
-        row = self.adjust_row(lv, record, outputs[-1].log_probs, split.tail, learn)
-        self.rows.put(record.id, lv, self.stamp(record, split.tail, learn), record.state, row)
+        row = self.adjust_row(lv, record, outputs[-1].log_probs, tail, learn)
+        self.rows.put(record.id, lv, self.stamp(record, tail, learn), record.state, row)
         return self._result(lv, record, row, k, split, writing, options, rebuilt)
 
     def _result(self, lv: LoadedVersion, record: SessionRecord, row: AdaptedRow, k: int, split: SplitText,

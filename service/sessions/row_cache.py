@@ -55,7 +55,7 @@ class _Entry:
 def entry_bytes(row: AdaptedRow, state: dict[str, np.ndarray] | None) -> int:
     """What one cached session costs (the figure the byte bound counts); a new word is counted
     as its UTF-8 bytes plus 64 for the string object and its log-probability."""
-    words = sum(len(w.encode()) + 64 for w in row.new_words)
+    words = sum(len(w.encode()) + 64 for w in row.new_words) + sum(len(w.encode()) + 64 for w in row.new_written)
     return row.log_probs.nbytes + words + sum(a.nbytes for a in (state or {}).values()) + ENTRY_OVERHEAD_BYTES
 
 
@@ -107,7 +107,7 @@ class RowCache:
             return
         values = np.array(row.log_probs, dtype=np.float32, copy=True)
         values.flags.writeable = False
-        own = AdaptedRow(values, row.new_words, np.array(row.new_log_probs, copy=True))
+        own = AdaptedRow(values, row.new_words, np.array(row.new_log_probs, copy=True), row.new_written)
         nbytes = entry_bytes(own, state)
         self.drop(session_id)
         if nbytes > self.max_bytes:

@@ -96,7 +96,8 @@ class WordProbability(BaseModel):
     display: str = Field(description="The word as a writer would type it here: its usual form in the training "
                          "corpus (\"I\", \"John\"), capitalised at a sentence start, following the typed "
                          "fragment's case (all capitals after two or more capitals). Equal to word for a model "
-                         "without casing statistics.")
+                         "without casing statistics, except a new word (one outside the vocabulary that this "
+                         "text or session taught): that is written as the writer last wrote it (\"Ierulli\").")
     probability: float = Field(description="Probability (renormalised over prefix matches when a prefix is used; "
                                "over the matches and the corrections when a correction is offered).")
     log_prob: float = Field(description="Natural log of probability.")
