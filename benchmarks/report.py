@@ -138,8 +138,11 @@ def merge_sections(previous: str, meta: dict[str, Any], rows: list[Row], section
     before = meta["machine"].get("busy_before_start")
     busy = (f" Other work kept {before:.0%} of the CPUs busy just before it: those figures are pessimistic."
             if before is not None and before > 0.25 else "")
-    stamp = (f"Rows of {names} measured by `{meta['command']}` on {meta['started']} ({meta['duration_s']:.0f} s), "
-             f"same machine and model.{busy}")
+    machine = meta["machine"]
+    # The machine is named: a shared runner may give a later run other hardware than the table's.
+    stamp = (f"Rows of {names} measured by `{meta['command']}` on {meta['started']} ({meta['duration_s']:.0f} s): "
+             f"{machine['cpu']} ({machine['cores']} cores), model `{meta['model']['path']}`; full results "
+             f"`{meta['json']}`.{busy}")
     head = [line for line in head if not line.startswith(f"Rows of {names} measured by")] + [stamp]
     out = "\n\n".join(head) + "\n\n" + "\n".join(new[:2] + body) + "\n"
     if judged:

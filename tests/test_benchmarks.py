@@ -217,13 +217,15 @@ def test_readme_rows_of_some_sections_are_replaced_in_place() -> None:
     old = [Row("runtime", "a", 1.0, target="≥ 1", met=True), Row("keyboard", "k old", 1.0, target="≥ 2", met=False),
            Row("training", "t", 2.0)]
     meta = {"command": "python -m benchmarks --only keyboard", "started": "today", "duration_s": 9.0,
-            "machine": {"busy_before_start": 0.0}}
+            "machine": {"busy_before_start": 0.0, "cpu": "Some CPU", "cores": 2}, "model": {"path": "models/m/1"},
+            "json": "bench-results/keyboard.json"}
     new = [Row("keyboard", "k new", 3.0, target="≥ 2", met=True), Row("keyboard", "k level", 4.0)]
     merged = merge_sections(block(old, "Measured by the full run."), meta, new, ["keyboard"], SECTIONS)
     names = [line.split("|")[2].strip() for line in merged.splitlines() if line.startswith("| ")][1:]
     assert names == ["a", "t", "k new", "k level"]
     assert merged.startswith("Measured by the full run.\n\nRows of `keyboard` measured by `python -m benchmarks")
     assert "2 of 2 targets met." in merged
+    assert "Some CPU (2 cores), model `models/m/1`; full results `bench-results/keyboard.json`." in merged
     assert merge_sections(merged, meta, new, ["keyboard"], SECTIONS) == merged
 
 
