@@ -196,7 +196,8 @@ def _main(argv: list[str]) -> int:
         result = uvloop.run(_typists(cfg))
     except ImportError:
         result = asyncio.run(_typists(cfg))
-    print(json.dumps(result))
+    # The result goes to a file: on stdout a result of a few hundred KB arrived cut at 64 KB.
+    Path(argv[1]).write_text(json.dumps(result), encoding="utf-8")
     return 0
 
 
@@ -218,9 +219,11 @@ def replay(url: str, typists: int, texts: list[str], *, seconds: float, warmup_s
         first += share[c]
         path = Path(tempfile.mkstemp(prefix="keyboard-", suffix=".json")[1])
         path.write_text(json.dumps(cfg), encoding="utf-8")
-        paths.append(path)
-        procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.keyboard", str(path)], cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        result_path = path.with_suffix(".result.json")
+        paths += [path, result_path]
+        procs.append((subprocess.Popen([sys.executable, "-m", "benchmarks.keyboard", str(path), str(result_path)],
+                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                      result_path))
     server_cpu = None
     if server_pid:
         time.sleep(max(0.0, start_at + warmup_s - time.time()))
@@ -230,11 +233,11 @@ def replay(url: str, typists: int, texts: list[str], *, seconds: float, warmup_s
         server_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
     results = []
     try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=connect_s + seconds + 120)
-            if proc.returncode != 0:
+        for proc, result_path in procs:
+            _, err = proc.communicate(timeout=connect_s + seconds + 120)
+            if proc.returncode != 0 or not result_path.exists():
                 raise RuntimeError(f"keyboard load generator failed ({proc.returncode}):\n{err[-2000:]}")
-            results.append(json.loads(out.strip().splitlines()[-1]))
+            results.append(json.loads(result_path.read_text(encoding="utf-8")))
     finally:
         for path in paths:
             path.unlink(missing_ok=True)
