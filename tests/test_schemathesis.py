@@ -8,8 +8,9 @@ ones refused, ``OPTIONS``/405 ``Allow`` lists, resources usable after creation a
 deletion. Any failure fails the test, with schemathesis' report (and a curl line per failure).
 
 Bounded for CI: ``MAX_EXAMPLES`` cases per operation and phase, one worker, a fixed seed (so a run
-is repeatable); about a minute on two busy cores. ``tests/schemathesis.toml`` and
-``tests/schemathesis_hooks.py`` hold the two allowances, each with its reason.
+is repeatable): 3,364 requests in 28 s on two idle cores, one to three minutes when they are busy.
+``tests/schemathesis.toml`` and ``tests/schemathesis_hooks.py`` hold the two allowances, each with
+its reason.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TESTS = Path(__file__).resolve().parent
-MAX_EXAMPLES = 60
+MAX_EXAMPLES = 100
 SEED = 3
 
 

@@ -37,6 +37,7 @@ SCORABLE = r"[^\s_]"
 # string-or-list field's other branch, is left alone).
 Patch = dict[str, dict[str, Any]]
 
+
 def _limits(settings: Settings) -> dict[tuple[str, str], Patch]:
     """(schema, property) → what to add to it."""
     text = {"maxLength": settings.max_text_chars}
