@@ -306,3 +306,4 @@ def test_rss_halves() -> None:
     assert flat is not None and flat["growth_mb"] == 0
     leak = rss_halves([(t, 100.0 + 10 * t) for t in range(10)])
     assert leak is not None and leak["growth_mb"] == 50 and leak["second_peak_mb"] == 190
+    assert leak["second_half_mb_per_min"] == pytest.approx(600) and flat["second_half_mb_per_min"] < 5
