@@ -210,9 +210,17 @@ def test_two_workers_share_the_queue_and_the_cores(tiny: LoadedVersion) -> None:
     workers: list[str] = []
     run = runtime.run
 
+    # The burst's first batch waits (at most 10 s) until the other worker has a batch too, so the
+    # overlap this test is about does not depend on how a busy machine schedules the two threads.
+    overlapped = threading.Event()
+
     def spy(graph, feeds, outputs, shared=False):
         used.append(shared)
         workers.append(threading.current_thread().name)
+        if len(set(workers)) > 1:
+            overlapped.set()
+        elif len(workers) == 1 and not overlapped.is_set():
+            overlapped.wait(timeout=10)
         return run(graph, feeds, outputs, shared)
 
     runtime.run = spy  # type: ignore[method-assign]
@@ -227,6 +235,7 @@ def test_two_workers_share_the_queue_and_the_cores(tiny: LoadedVersion) -> None:
     try:
         results = asyncio.run(burst())
         assert len(set(workers)) == 2  # the burst kept both workers busy
+        overlapped.set()  # the lone runs below are not held
         workers.clear()
         for _ in range(5):
             lone = batcher.submit(WorkItem(items[0])).result(timeout=10)
