@@ -127,6 +127,33 @@ def test_corrections_of_a_mistyped_fragment() -> None:
     assert not any(c.correction for c in candidates[1:] if c.word.startswith("tha"))
 
 
+def test_cached_candidates_answer_like_a_fresh_corrector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fragment's candidates are kept between requests: with the cache warm from other rows (and
+    evicting, under a small bound) every answer equals a cold corrector's, filtered or not, with
+    the back-off (nothing one error away, or every candidate at -inf in the row) included."""
+    import service.engine.correct as correct
+
+    vocab = Vocab([*tiny_vocab().itos, "occur", "thin"])
+    blocked = blocked_ids(vocab, ["quick"])
+    warm = Corrector(VocabIndex(vocab, blocked))
+    monkeypatch.setattr(correct, "CANDIDATE_CACHE_BYTES", 2000)
+    rng = np.random.default_rng(7)
+    rows = [_row(vocab, {w: float(rng.normal(0, 3)) for w in vocab.itos}) for _ in range(4)]
+    dead = rows[0].copy()
+    dead[[vocab.stoi[w] for w in vocab.itos if w.startswith("th")]] = -np.inf
+    rows.append(dead)
+    fragments = ["teh", "qiu", "tha", "ocur", "occcur", "thw", "th", "qu", "quic", "zzz", "xq", "thinn"]
+    for _ in range(2):  # the second round answers from the cache (what the bound kept)
+        for row in rows:
+            for fragment in fragments:
+                for filtered in (True, False):
+                    got = warm.correct(row, fragment, 3, filtered)
+                    want = Corrector(VocabIndex(vocab, blocked)).correct(row, fragment, 3, filtered)
+                    assert got.ids.tolist() == want.ids.tolist(), (fragment, filtered)
+                    assert got.scores.tolist() == want.scores.tolist() and got.log_total == want.log_total
+    assert 0 < warm._cache_bytes <= 2000 and warm._cache
+
+
 def test_each_prefix_of_a_blocked_word_offers_other_words() -> None:
     shipped = version_dirs(Path(__file__).resolve().parents[1] / "models")["brown-lstm"]
     vocab = Vocab.load(shipped[max(shipped)] / "vocab.txt")
