@@ -24,18 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Context, Row, log, unavailable
-from benchmarks.server import process_cpu_seconds, start_service
+from benchmarks.server import process_cpu_seconds, rss_mb, start_service
 from benchmarks.texts import long_text
-
-
-def _rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def _redis_stats(client: Any) -> dict[str, float]:
@@ -216,7 +206,7 @@ def _version_memory(ctx: Context) -> Row:
                     for _ in range(20):
                         http.post("/v1/predict", json={"text": long_text(30), "model": card.name, "version": v})
             time.sleep(0.5)
-            value = _rss_mb(service.pid)
+            value = rss_mb(service.pid)
         finally:
             service.stop()
         if value is None:

@@ -8,10 +8,11 @@ so that a slow phase of the machine hits both alike.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,12 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def run_async(main: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a load generator's coroutine on uvloop when it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())  # type: ignore[arg-type]
+    return uvloop.run(main())  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from benchmarks.common import Context, Row, at_least, at_most, log, measure, percentile
+from benchmarks.common import Context, Row, at_least, at_most, log, measure, percentile, run_async
 from benchmarks.server import ROOT, histogram_totals, process_cpu_seconds
 from benchmarks.texts import short_texts
 from service.config import Settings
@@ -133,12 +133,7 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _main(argv: list[str]) -> int:
     cfg = json.loads(argv[0])
-    try:
-        import uvloop
-
-        result = uvloop.run(_load(cfg))
-    except ImportError:
-        result = asyncio.run(_load(cfg))
+    result = run_async(lambda: _load(cfg))
     print(json.dumps(result))
     return 0
 

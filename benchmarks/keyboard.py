@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Context, Row, at_least, at_most, log, measure_interleaved, percentile
+from benchmarks.common import Context, Row, at_least, at_most, log, measure_interleaved, percentile, run_async
 from benchmarks.server import ROOT, process_cpu_seconds
 from benchmarks.texts import PASSAGE
 
@@ -190,12 +190,7 @@ async def _typists(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _main(argv: list[str]) -> int:
     cfg = json.loads(Path(argv[0]).read_text(encoding="utf-8"))  # a file: the texts are too long for argv
-    try:
-        import uvloop
-
-        result = uvloop.run(_typists(cfg))
-    except ImportError:
-        result = asyncio.run(_typists(cfg))
+    result = run_async(lambda: _typists(cfg))
     # The result goes to a file: on stdout a result of a few hundred KB arrived cut at 64 KB.
     Path(argv[1]).write_text(json.dumps(result), encoding="utf-8")
     return 0

@@ -25,11 +25,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Context, Row, at_most, log, percentile
-from benchmarks.server import ROOT, process_cpu_seconds
+from benchmarks.common import Context, Row, at_most, log, percentile, run_async
+from benchmarks.server import ROOT, process_cpu_seconds, rss_mb
 from benchmarks.texts import WORDS, short_texts
 
 CLIENTS = 64
@@ -42,16 +41,6 @@ RSS_INTERVAL_S = 0.5
 TARGET_ERRORS = 0
 TARGET_GROWTH = 0.02  # second-half median RSS at most 2% above the first half's
 SESSION_CYCLES = 50
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 # --------------------------------------------------------------------------- the load generator process
@@ -163,12 +152,7 @@ async def _soak(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _main(argv: list[str]) -> int:
     cfg = json.loads(argv[0])
-    try:
-        import uvloop
-
-        result = uvloop.run(_soak(cfg))
-    except ImportError:
-        result = asyncio.run(_soak(cfg))
+    result = run_async(lambda: _soak(cfg))
     print(json.dumps(result))
     return 0
 
