@@ -126,31 +126,26 @@ def cache_distribution(history: Sequence[int] | np.ndarray, params: CacheParams)
     parts_ids: list[np.ndarray] = []
     parts_probs: list[np.ndarray] = []
     keep_out = 0.0
-    positions = np.arange(n)
-    ids, w, total = _component(h, positions, params.window, params.decay)
-    if total > 0 and l1 > 0:
-        parts_ids.append(ids)
-        parts_probs.append(w * (l1 / total))
-        keep_out += l1
+
+    def add(match: np.ndarray, weight: float, backed_off: bool) -> None:
+        # ``backed_off``: a context seen ``total`` (decayed) times gets weight × total / (total + kappa)
+        nonlocal keep_out
+        ids, w, total = _component(h, match, params.window, params.decay)
+        if total > 0:
+            a = weight * total / (total + params.kappa) if backed_off else weight
+            parts_ids.append(ids)
+            parts_probs.append(w * (a / total))
+            keep_out += a
+
+    if l1 > 0:
+        add(np.arange(n), l1, backed_off=False)
     if n >= 2 and l2 > 0:
         # positions m >= 1 whose previous word is the current last word (m < n: only seen words)
         match = np.flatnonzero(h[:-1] == h[-1]) + 1
-        match = match[match < n]
-        ids, w, total = _component(h, match, params.window, params.decay)
-        if total > 0:
-            a = l2 * total / (total + params.kappa)
-            parts_ids.append(ids)
-            parts_probs.append(w * (a / total))
-            keep_out += a
+        add(match[match < n], l2, backed_off=True)
     if n >= 3 and l3 > 0:
         match = np.flatnonzero((h[:-2] == h[-2]) & (h[1:-1] == h[-1])) + 2
-        match = match[match < n]
-        ids, w, total = _component(h, match, params.window, params.decay)
-        if total > 0:
-            a = l3 * total / (total + params.kappa)
-            parts_ids.append(ids)
-            parts_probs.append(w * (a / total))
-            keep_out += a
+        add(match[match < n], l3, backed_off=True)
     if not parts_ids:
         return EMPTY
     all_ids = np.concatenate(parts_ids)
