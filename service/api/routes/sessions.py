@@ -165,13 +165,20 @@ async def _restarting(websocket: WebSocket) -> None:
     await websocket.close(SERVICE_RESTART, reason="server restarting: reconnect, resend unanswered messages")
 
 
-@router.websocket("/stream")
-async def stream_new_session(websocket: WebSocket) -> None:
+async def _accept(websocket: WebSocket) -> SessionManager | None:
+    """Accept a session socket; while the server drains, close it at once (1012) and answer None."""
     await websocket.accept()
     if websocket.app.state.drain.closing:
         await _restarting(websocket)
+        return None
+    return websocket.app.state.sessions
+
+
+@router.websocket("/stream")
+async def stream_new_session(websocket: WebSocket) -> None:
+    sessions = await _accept(websocket)
+    if sessions is None:
         return
-    sessions: SessionManager = websocket.app.state.sessions
     try:
         query = StreamOpenQuery.model_validate(dict(websocket.query_params))
         result = await sessions.create(query.model, query.version, query.text, query.k, query.ttl_seconds,
@@ -188,11 +195,9 @@ async def stream_new_session(websocket: WebSocket) -> None:
 
 @router.websocket("/{session_id}/stream")
 async def stream_session(websocket: WebSocket, session_id: str) -> None:
-    await websocket.accept()
-    if websocket.app.state.drain.closing:
-        await _restarting(websocket)
+    sessions = await _accept(websocket)
+    if sessions is None:
         return
-    sessions: SessionManager = websocket.app.state.sessions
     try:
         record = await sessions.get(session_id, principal(websocket.scope))
     except Exception as exc:
