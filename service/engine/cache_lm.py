@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -173,6 +174,12 @@ class AdaptedRow:
     new_words: tuple[str, ...] = ()
     new_log_probs: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
     new_written: tuple[str, ...] = ()  # each new word as last written (case kept); () = as new_words
+
+    @cached_property
+    def best_log_prob(self) -> float:
+        """The row's highest log-probability, computed once: a session's keystrokes inside a word
+        all select from the same (cached) row."""
+        return float(np.max(self.log_probs))
 
     def written(self, word: str) -> str:
         """How a new word was written (the word itself when not known)."""

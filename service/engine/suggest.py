@@ -90,7 +90,7 @@ def select(
         (w, i, lp, False) for w, i, lp in zip(top.words, top.ids, top.log_probs, strict=True)
     ]
     corrector = version.corrector if options.corrections else None
-    if prefix and corrector is not None and not _out_of_reach(adapted.log_probs, top, k):
+    if prefix and corrector is not None and not _out_of_reach(adapted.best_log_prob, top, k):
         fixes = corrector.correct(adapted.log_probs, prefix, k + len(exclude), filtered=options.filter)
         if not fixes.empty:
             chosen = _merge(chosen, top.mass, version.index.decode(fixes.ids), fixes.ids, fixes.scores,
@@ -109,12 +109,12 @@ def select(
     return candidates, top
 
 
-def _out_of_reach(row: np.ndarray, top: Selection, k: int) -> bool:
+def _out_of_reach(best_log_prob: float, top: Selection, k: int) -> bool:
     """Whether no correction could enter the answer, judged from the best word of the whole row:
     most keystrokes (a fragment with enough likely completions) then skip the correction index."""
     if top.mass <= 0:
         return False
-    ceiling = float(np.max(row)) + MAX_ERROR_LOG_PROB  # no correction scores above this
+    ceiling = best_log_prob + MAX_ERROR_LOG_PROB  # no correction scores above this
     log_matches = math.log(top.mass) + LOG_NO_ERROR
     if ceiling < log_matches + math.log(MIN_CORRECTION_POSTERIOR):
         return True
