@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _runners() -> dict:
+    from benchmarks.adaptation import run_adaptation
     from benchmarks.capacity import run_capacity
     from benchmarks.http_load import run_http, run_overhead
     from benchmarks.keyboard import run_keyboard
@@ -196,7 +197,7 @@ def _runners() -> dict:
 
     return {"runtime": run_runtime, "roofline": run_roofline, "http": run_http, "overhead": run_overhead,
             "sessions": run_sessions, "capacity": run_capacity, "prompt": run_prompt, "training": run_training,
-            "keyboard": run_keyboard, "suggest": run_suggest, "soak": run_soak}
+            "keyboard": run_keyboard, "suggest": run_suggest, "adaptation": run_adaptation, "soak": run_soak}
 
 
 if __name__ == "__main__":

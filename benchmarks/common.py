@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 SECTIONS = ("runtime", "roofline", "http", "overhead", "sessions", "capacity", "prompt", "training", "keyboard",
-            "suggest", "soak")
+            "suggest", "adaptation", "soak")
 
 
 @dataclass

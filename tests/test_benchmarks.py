@@ -307,3 +307,14 @@ def test_rss_halves() -> None:
     leak = rss_halves([(t, 100.0 + 10 * t) for t in range(10)])
     assert leak is not None and leak["growth_mb"] == 50 and leak["second_peak_mb"] == 190
     assert leak["second_half_mb_per_min"] == pytest.approx(600) and flat["second_half_mb_per_min"] < 5
+
+
+def test_adaptation_text_is_cut_into_typed_words_and_context_marks() -> None:
+    """The held-out-domain typist types words (counted) and sends marks and numbers as context."""
+    from benchmarks.adaptation import chunks
+
+    pieces = chunks("The GNU GPL, version 3 (or any later) don't.\nEnd", limit=100)
+    assert pieces == [("The ", True), ("GNU ", True), ("GPL", True), (", ", False), ("version ", True),
+                      ("3 ", False), ("(", False), ("or ", True), ("any ", True), ("later", True), (") ", False),
+                      ("don't", False), (". ", False), ("End", True)]
+    assert [p for p, typed in chunks("one two three", limit=2) if typed] == ["one ", "two "]
