@@ -14,7 +14,7 @@ MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 SECTION_TITLES = {
     "runtime": "1 runtime", "roofline": "2 roofline", "http": "3 batching", "overhead": "4 overhead",
     "sessions": "5 sessions", "prompt": "6 prompt", "training": "7 training", "keyboard": "8 keyboard",
-    "suggest": "9 suggest", "soak": "10 soak",
+    "suggest": "9 suggest", "adaptation": "10 adaptation", "soak": "11 soak",
     "error": "error",
 }
 
