@@ -158,14 +158,41 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         "| cell | params | train min | train tok/s | tokens seen | valid ppl | test ppl | top-1 | top-3 | step ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    ablated = [r for r in rows if "-" in r["cell"]]
     for r in rows:
+        if r in ablated:
+            continue
         lines.append(
             f"| {label(r['cell'])} | {r['parameters'] / 1e6:.2f} M | {r['train_minutes']:.1f} | "
             f"{r['train_tokens_per_s']:.0f} | {r['tokens_seen'] / 1e6:.2f} M | "
             f"{r['valid_ppl']:.1f} | {r['test_ppl']:.1f} | "
             f"{r['top1']:.3f} | {r['top3']:.3f} | {r['step_ms']:.3f} |"
         )
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + _ablation_table(rows, ablated)
+
+
+def _ablation_table(rows: list[dict], ablated: list[dict]) -> str:
+    """Each '-x' entry beside its full-recipe entry: what switching the technique off costs on valid."""
+    full = {r["cell"]: r for r in rows if "-" not in r["cell"]}
+    lines = []
+    for r in ablated:
+        base = full.get(r["cell"].split("-")[0])
+        if base is None:
+            continue
+        if not lines:
+            lines = [
+                "",
+                f"Ablation on {base['cell']} (same budget; + means the technique helps):",
+                "",
+                "| entry | valid ppl | valid ppl, full recipe | the technique's gain on valid | test ppl |",
+                "|---|---:|---:|---:|---:|",
+            ]
+        gain = r["valid_ppl"] - base["valid_ppl"]
+        lines.append(
+            f"| {label(r['cell'])} | {r['valid_ppl']:.1f} | {base['valid_ppl']:.1f} | "
+            f"{gain:+.1f} ({gain / r['valid_ppl']:+.1%}) | {r['test_ppl']:.1f} |"
+        )
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def compare_cells(args: argparse.Namespace) -> list[dict]:
