@@ -24,28 +24,9 @@ from training.train import CheckpointError, TrainConfig, evaluate, train  # noqa
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"cell": "lstm", "embedding_size": 16, "hidden_size": 16, "num_layers": 1}
-TINY_ARGS = [
-    "--corpus-format",
-    "ptb",
-    "--embedding-size",
-    "16",
-    "--hidden-size",
-    "16",
-    "--num-layers",
-    "1",
-    "--batch-size",
-    "8",
-    "--bptt",
-    "12",
-    "--lr",
-    "0.01",
-    "--warmup-steps",
-    "5",
-    "--log-every",
-    "5",
-    "--threads",
-    "1",
-]
+TINY_ARGS = ["--corpus-format", "ptb", "--embedding-size", "16", "--hidden-size", "16", "--num-layers", "1",
+             "--batch-size", "8", "--bptt", "12", "--lr", "0.01", "--warmup-steps", "5", "--log-every", "5",
+             "--threads", "1"]
 
 
 def _sentences(rng: np.random.Generator, n: int) -> str:
@@ -54,14 +35,8 @@ def _sentences(rng: np.random.Generator, n: int) -> str:
     adjs = "big small red".split()
     lines = []
     for _ in range(n):
-        words = [
-            "the",
-            str(rng.choice(adjs)),
-            str(rng.choice(nouns)),
-            str(rng.choice(verbs)),
-            "the",
-            str(rng.choice(nouns)),
-        ]
+        words = ["the", str(rng.choice(adjs)), str(rng.choice(nouns)), str(rng.choice(verbs)), "the",
+                 str(rng.choice(nouns))]
         if rng.random() < 0.3:
             words += ["and", "the", str(rng.choice(nouns)), str(rng.choice(verbs))]
         if rng.random() < 0.05:
@@ -80,21 +55,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(corpus: Path, out: Path, **overrides) -> TrainConfig:
-    cfg = TrainConfig(
-        corpus=str(corpus),
-        out_dir=str(out),
-        corpus_format="ptb",
-        batch_size=8,
-        bptt=12,
-        epochs=2,
-        lr=1e-2,
-        warmup_steps=5,
-        log_every=5,
-        eval_bptt=32,
-        threads=1,
-        seed=0,
-        model=dict(TINY_MODEL),
-    )
+    cfg = TrainConfig(corpus=str(corpus), out_dir=str(out), corpus_format="ptb", batch_size=8, bptt=12, epochs=2,
+                      lr=1e-2, warmup_steps=5, log_every=5, eval_bptt=32, threads=1, seed=0, model=dict(TINY_MODEL))
     return replace(cfg, **overrides)
 
 
@@ -103,14 +65,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "training", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -249,29 +207,10 @@ def test_plot_run(trained, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_under_torchrun(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "training",
-        "train",
-        "--corpus",
-        str(corpus),
-        *TINY_ARGS,
-        "--epochs",
-        "1",
-        "--out",
-        str(out),
-    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "training", "train", "--corpus", str(corpus), *TINY_ARGS, "--epochs", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -348,28 +287,8 @@ def test_cli_export_without_checkpoint(tmp_path: Path) -> None:
 def test_cli_export_then_eval(trained, corpus: Path, tmp_path: Path, capsys) -> None:
     out, summary = trained
     repo = tmp_path / "models"
-    assert (
-        main(
-            [
-                "export",
-                "--run",
-                str(out),
-                "--repository",
-                str(repo),
-                "--name",
-                "tiny",
-                "--corpus",
-                str(corpus),
-                "--corpus-format",
-                "ptb",
-                "--ngram-order",
-                "0",
-                "--threads",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert main(["export", "--run", str(out), "--repository", str(repo), "--name", "tiny", "--corpus", str(corpus),
+                 "--corpus-format", "ptb", "--ngram-order", "0", "--threads", "1"]) == 0
     target = repo / "tiny" / "1"
     assert capsys.readouterr().out.strip().endswith(str(target))
     card = A.read_card(target)
@@ -381,27 +300,8 @@ def test_cli_export_then_eval(trained, corpus: Path, tmp_path: Path, capsys) -> 
     assert card.metrics["test"]["top1"] == pytest.approx(summary["test"]["top1"], abs=2e-3)
 
     report = tmp_path / "report.json"
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                str(target),
-                "--corpus",
-                str(corpus),
-                "--corpus-format",
-                "ptb",
-                "--split",
-                "valid",
-                "test",
-                "--ngram-order",
-                "2",
-                "--json",
-                str(report),
-            ]
-        )
-        == 0
-    )
+    assert main(["eval", "--model", str(target), "--corpus", str(corpus), "--corpus-format", "ptb",
+                 "--split", "valid", "test", "--ngram-order", "2", "--json", str(report)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["split", "model", "ppl", "top1", "top3", "top5", "tokens"]
     rows = {(parts[0], parts[1]): parts for parts in (line.split() for line in lines[1:])}
@@ -411,7 +311,8 @@ def test_cli_export_then_eval(trained, corpus: Path, tmp_path: Path, capsys) -> 
     assert data["test"]["model"]["tokens"] == summary["test"]["tokens"]
 
 
-def test_cli_existing_version_and_missing_model_are_clear_errors(trained, corpus: Path, tmp_path: Path, capsys) -> None:
+def test_cli_existing_version_and_missing_model_are_clear_errors(trained, corpus: Path, tmp_path: Path,
+                                                                 capsys) -> None:
     out, _ = trained
     repo = tmp_path / "models"
     args = ["export", "--run", str(out), "--repository", str(repo), "--name", "tiny", "--version", "3", "--no-evaluate"]
@@ -422,22 +323,8 @@ def test_cli_existing_version_and_missing_model_are_clear_errors(trained, corpus
     assert err.startswith("error:") and "already exists" in err
     assert main([*args, "--overwrite"]) == 0
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                str(repo / "tiny" / "9"),
-                "--corpus",
-                str(corpus),
-                "--corpus-format",
-                "ptb",
-                "--ngram-order",
-                "0",
-            ]
-        )
-        == 2
-    )
+    assert main(["eval", "--model", str(repo / "tiny" / "9"), "--corpus", str(corpus), "--corpus-format", "ptb",
+                 "--ngram-order", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "model.json" in err
 
@@ -445,28 +332,8 @@ def test_cli_existing_version_and_missing_model_are_clear_errors(trained, corpus
 @pytest.mark.slow
 def test_cli_compare(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "compare"
-    assert (
-        main(
-            [
-                "compare",
-                "--corpus",
-                str(corpus),
-                *TINY_ARGS,
-                "--cells",
-                "rnn",
-                "lstm",
-                "--minutes",
-                "0.05",
-                "--epochs",
-                "2",
-                "--max-eval-tokens",
-                "200",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(["compare", "--corpus", str(corpus), *TINY_ARGS, "--cells", "rnn", "lstm", "--minutes", "0.05",
+                 "--epochs", "2", "--max-eval-tokens", "200", "--out", str(out)]) == 0
     table = (out / "table.md").read_text()
     assert "| rnn |" in table and "| lstm |" in table
     results = json.loads((out / "results.json").read_text())
@@ -481,25 +348,10 @@ def test_cli_compare_ablation_entries_and_resume(corpus: Path, tmp_path: Path, c
     """'-x' entries switch one technique off; a second run with the same settings reuses finished
     entries (so two processes can split the work), and a changed setting retrains."""
     out = tmp_path / "compare"
-    base = [
-        "compare",
-        "--corpus",
-        str(corpus),
-        *TINY_ARGS,
-        "--epochs",
-        "1",
-        "--max-eval-tokens",
-        "200",
-        "--weight-drop",
-        "0.2",
-        "--ar",
-        "1",
-        "--out",
-        str(out),
-    ]
+    base = ["compare", "--corpus", str(corpus), *TINY_ARGS, "--epochs", "1", "--max-eval-tokens", "200",
+            "--weight-drop", "0.2", "--ar", "1", "--out", str(out)]
     assert main([*base, "--cells", "lstm-weightdrop-artar"]) == 0
-    config = json.loads((out / "lstm-no-weightdrop-no-artar" / "config.json").read_text())
-    flat = json.dumps(config)
+    flat = json.dumps(json.loads((out / "lstm-no-weightdrop-no-artar" / "config.json").read_text()))
     assert '"weight_drop": 0.0' in flat and '"ar": 0.0' in flat
     assert main([*base, "--cells", "lstm", "lstm-weightdrop-artar"]) == 0
     assert "lstm-weightdrop-artar: reusing" in capsys.readouterr().out
@@ -527,24 +379,8 @@ def test_cli_trains_on_one_text_file_and_export_finds_it(tmp_path: Path, monkeyp
     assert summary["protocol"] == "text-lines/1" and summary["corpus"] == "my"
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)  # "my.txt" no longer resolves from here
-    assert (
-        main(
-            [
-                "export",
-                "--run",
-                str(work / "run"),
-                "--repository",
-                "models",
-                "--name",
-                "mine",
-                "--ngram-order",
-                "0",
-                "--threads",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert main(["export", "--run", str(work / "run"), "--repository", "models", "--name", "mine", "--ngram-order",
+                 "0", "--threads", "1"]) == 0
     card = A.read_card(tmp_path / "models" / "mine" / "1")
     assert math.isclose(card.metrics["valid"]["ppl"], summary["valid"]["ppl"], rel_tol=1e-4)
     assert card.metrics["test"]["tokens"] == summary["test"]["tokens"]

@@ -42,9 +42,8 @@ from training.cache_fit import document_starts
 from training.evaluate import _session, load_artifact
 
 
-def cache_perplexity(
-    ids: np.ndarray, lengths: Sequence[int], model_log_probs: np.ndarray, params: CacheParams
-) -> dict[str, float]:
+def cache_perplexity(ids: np.ndarray, lengths: Sequence[int], model_log_probs: np.ndarray,
+                     params: CacheParams) -> dict[str, float]:
     """Perplexity over ``ids[1:]`` with the cache mixed in, position by position through the
     service's :func:`cache_distribution` (the cache sees only the current document's words)."""
     ids = np.asarray(ids, dtype=np.int64)
@@ -62,14 +61,8 @@ def cache_perplexity(
     return {"nll": nll / n, "ppl": math.exp(nll / n), "tokens": n}
 
 
-def stream_rows(
-    model_dir: str | Path,
-    ids: np.ndarray,
-    wanted: np.ndarray,
-    lanes: int = 64,
-    threads: int | None = None,
-    progress: bool = True,
-) -> Iterator[tuple[int, np.ndarray]]:
+def stream_rows(model_dir: str | Path, ids: np.ndarray, wanted: np.ndarray, lanes: int = 64,
+                threads: int | None = None, progress: bool = True) -> Iterator[tuple[int, np.ndarray]]:
     """``(i, log-probs after ids[: i + 1])`` for every position ``i`` in ``wanted`` (any order)."""
     model_dir = Path(model_dir)
     card, _ = load_artifact(model_dir)
@@ -86,11 +79,8 @@ def stream_rows(
         starts.append(state)
         a, b = bounds[k], bounds[k + 1]
         if k + 1 < lanes and b > a:
-            feeds = {
-                A.TOKENS: ids[None, a:b],
-                A.LENGTHS: np.array([b - a]),
-                **{A.state_input(s): state[s] for s in names},
-            }
+            feeds = {A.TOKENS: ids[None, a:b], A.LENGTHS: np.array([b - a]),
+                     **{A.state_input(s): state[s] for s in names}}
             state = dict(zip(names, sess.run(outputs, feeds), strict=True))
     need = np.zeros(n, dtype=bool)
     need[wanted] = True
@@ -99,11 +89,8 @@ def stream_rows(
     for t in tqdm(range(steps), desc="rows", disable=not progress, leave=False):
         pos = np.minimum(bounds[:-1] + t, n - 1)
         live = bounds[:-1] + t < bounds[1:]
-        feeds = {
-            A.TOKENS: ids[pos][:, None],
-            A.LENGTHS: np.ones(lanes, np.int64),
-            **{A.state_input(s): lane_state[s] for s in names},
-        }
+        feeds = {A.TOKENS: ids[pos][:, None], A.LENGTHS: np.ones(lanes, np.int64),
+                 **{A.state_input(s): lane_state[s] for s in names}}
         log_probs, *new = sess.run([A.LOG_PROBS, *outputs], feeds)
         lane_state = dict(zip(names, new, strict=True))
         for lane in np.flatnonzero(live & need[pos]):
@@ -130,10 +117,8 @@ class Suggester:
         return cls(index, Corrector(index) if s.corrections else None)
 
     def describe(self) -> str:
-        return (
-            f"blocklist {'on' if self.index.blocked_words else 'off'}, typo corrections "
-            f"{'on' if self.corrector is not None else 'off'}, words matched case-insensitively"
-        )
+        return (f"blocklist {'on' if self.index.blocked_words else 'off'}, typo corrections "
+                f"{'on' if self.corrector is not None else 'off'}, words matched case-insensitively")
 
 
 def keystrokes(suggester: Suggester, row: AdaptedRow, word: str, k: int = 3, rotate: bool = False) -> int:
@@ -187,19 +172,10 @@ class KsrVariant:
     head: KsrCount = field(default_factory=KsrCount)  # the first ``head`` typed words alone
 
 
-def model_ksr(
-    model_dir: str | Path,
-    documents: Sequence[Sequence[str]],
-    variants: Sequence[KsrVariant],
-    k: int = 3,
-    new_word_count: int = 2,
-    limit: int | None = None,
-    lanes: int = 64,
-    threads: int | None = None,
-    progress: bool = True,
-    head: int = 0,
-    suggester: Suggester | None = None,
-) -> None:
+def model_ksr(model_dir: str | Path, documents: Sequence[Sequence[str]], variants: Sequence[KsrVariant],
+              k: int = 3, new_word_count: int = 2, limit: int | None = None, lanes: int = 64,
+              threads: int | None = None, progress: bool = True, head: int = 0,
+              suggester: Suggester | None = None) -> None:
     """Fill each variant's keystroke count on the split (its first ``limit`` typed words), and
     its ``head`` count on the first ``head`` typed words."""
     card, vocab = load_artifact(model_dir)
@@ -223,16 +199,8 @@ def model_ksr(
                 v.head.add(words[j], strokes)
 
 
-def ngram_ksr(
-    model,
-    vocab,
-    documents: Sequence[Sequence[str]],
-    k: int = 3,
-    limit: int | None = None,
-    batch: int = 256,
-    head: int = 0,
-    settings: Settings | None = None,
-) -> tuple[KsrCount, KsrCount]:
+def ngram_ksr(model, vocab, documents: Sequence[Sequence[str]], k: int = 3, limit: int | None = None,
+              batch: int = 256, head: int = 0, settings: Settings | None = None) -> tuple[KsrCount, KsrCount]:
     """The same simulation on a fitted :class:`training.ngram.KneserNey` (no cache): the count
     over the typed words and over the first ``head`` of them."""
     suggester = Suggester.for_vocab(vocab, settings)
@@ -252,22 +220,10 @@ def ngram_ksr(
     return count, first
 
 
-def evaluate_adapted(
-    model_dir: str | Path,
-    corpus: str | Path,
-    corpus_format: str,
-    splits: Sequence[str],
-    scored: dict[str, np.ndarray],
-    *,
-    cache: bool = True,
-    ksr: bool = False,
-    ksr_k: int = 3,
-    ksr_words: int | None = None,
-    ngram_order: int | None = None,
-    threads: int | None = None,
-    update_card: bool = False,
-    ksr_head: int = 0,
-) -> dict[str, dict]:
+def evaluate_adapted(model_dir: str | Path, corpus: str | Path, corpus_format: str, splits: Sequence[str],
+                     scored: dict[str, np.ndarray], *, cache: bool = True, ksr: bool = False, ksr_k: int = 3,
+                     ksr_words: int | None = None, ngram_order: int | None = None, threads: int | None = None,
+                     update_card: bool = False, ksr_head: int = 0) -> dict[str, dict]:
     """``nextword-train eval --cache/--ksr``: per split, perplexity with the model's fitted cache
     (from the model's own log-probabilities ``scored[split]``) and the keystroke savings of the
     model with and without the cache and rotation (and of a Kneser-Ney ``ngram_order`` model, when
@@ -294,10 +250,8 @@ def evaluate_adapted(
                 row["ppl"] = float(np.exp(-lp.astype(np.float64).mean()))
                 row["ppl_cache"] = cache_perplexity(ids, [len(d) for d in docs], lp, params)["ppl"]
                 row["ppl_reduction"] = 1.0 - row["ppl_cache"] / row["ppl"]
-                print(
-                    f"{split:<6} ppl {row['ppl']:.2f} -> {row['ppl_cache']:.2f} with the cache "
-                    f"({100 * row['ppl_reduction']:.1f}% lower; cache reset at each of {len(docs)} documents)"
-                )
+                print(f"{split:<6} ppl {row['ppl']:.2f} -> {row['ppl_cache']:.2f} with the cache "
+                      f"({100 * row['ppl_reduction']:.1f}% lower; cache reset at each of {len(docs)} documents)")
         if ksr:
             # the suggestions as the service makes them under its settings (environment)
             settings = Settings()
@@ -307,17 +261,8 @@ def evaluate_adapted(
             if params is not None and settings.adaptation and settings.cache_window_words > 0:
                 served = params.limited(settings.cache_window_words)
                 variants += [KsrVariant("model+cache", served), KsrVariant("model+cache+rotation", served, True)]
-            model_ksr(
-                model_dir,
-                docs,
-                variants,
-                k=ksr_k,
-                new_word_count=settings.new_word_min_count,
-                limit=ksr_words,
-                threads=threads,
-                head=ksr_head,
-                suggester=suggester,
-            )
+            model_ksr(model_dir, docs, variants, k=ksr_k, new_word_count=settings.new_word_min_count,
+                      limit=ksr_words, threads=threads, head=ksr_head, suggester=suggester)
             counts = {v.name: v.count.result() for v in variants}
             head = {v.name: v.head.result() for v in variants if v.head.words}
             if ngram_order:
@@ -333,10 +278,8 @@ def evaluate_adapted(
                     head[f"kn{ngram_order}"] = first.result()
             for label, table in (("", counts), (f" first {ksr_head}", head)):
                 for name, r in table.items():
-                    print(
-                        f"{split:<6} KSR top-{ksr_k}{label} {name:<22} {100 * r['ksr']:6.2f}%  "
-                        f"({r['keystrokes']} of {r['characters']} keystrokes, {r['words']} words)"
-                    )
+                    print(f"{split:<6} KSR top-{ksr_k}{label} {name:<22} {100 * r['ksr']:6.2f}%  "
+                          f"({r['keystrokes']} of {r['characters']} keystrokes, {r['words']} words)")
             row["ksr"] = counts
             if head:
                 row["ksr_head"] = head

@@ -67,9 +67,8 @@ class CacheFitter:
     ``ids``: the split's token ids as one stream; ``lengths``: its documents' lengths;
     ``model_log_probs[i]``: the model's log-probability of ``ids[i + 1]``."""
 
-    def __init__(
-        self, ids: np.ndarray, lengths: Sequence[int], model_log_probs: np.ndarray, max_window: int = max(WINDOWS)
-    ) -> None:
+    def __init__(self, ids: np.ndarray, lengths: Sequence[int], model_log_probs: np.ndarray,
+                 max_window: int = max(WINDOWS)) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         self.n = ids.size
         if model_log_probs.size != self.n - 1:
@@ -100,10 +99,8 @@ class CacheFitter:
         seen = np.minimum(self.seen[1:], window).astype(np.float64)
         den_u = seen if decay == 1.0 else (1.0 - np.power(decay, seen)) / (1.0 - decay)
         num_u = self._sum(self.uni.num_j, self.uni.num_gap, window, decay)
-        mult, prob = (
-            [(den_u > 0).astype(np.float64)],
-            [np.divide(num_u, den_u, out=np.zeros_like(num_u), where=den_u > 0)],
-        )
+        mult, prob = [(den_u > 0).astype(np.float64)], [np.divide(num_u, den_u, out=np.zeros_like(num_u),
+                                                                  where=den_u > 0)]
         for level in (self.bi, self.tri):
             num = self._sum(level.num_j, level.num_gap, window, decay)
             den = self._sum(level.den_j, level.den_gap, window, decay)
@@ -151,9 +148,8 @@ class CacheFitter:
         ppl = math.exp(-float(np.log(self.p_model + lam @ g).mean()))
         return (float(lam[0]), float(lam[1]), float(lam[2])), ppl
 
-    def fit(
-        self, windows: Sequence[int] = WINDOWS, decays: Sequence[float] = DECAYS, kappas: Sequence[float] = KAPPAS
-    ) -> tuple[CacheParams, list[dict]]:
+    def fit(self, windows: Sequence[int] = WINDOWS, decays: Sequence[float] = DECAYS,
+            kappas: Sequence[float] = KAPPAS) -> tuple[CacheParams, list[dict]]:
         """The best parameters over the grid (weights fitted for each point), and per window its
         best perplexity (the trade-off of window against session bytes)."""
         table: list[dict] = []
@@ -174,15 +170,8 @@ class CacheFitter:
         return best[1], table
 
 
-def fit_cache(
-    model_dir: str | Path,
-    corpus: str | Path,
-    corpus_format: str,
-    split: str,
-    windows: Sequence[int],
-    threads: int | None = None,
-    command: str | None = None,
-) -> CacheParams:
+def fit_cache(model_dir: str | Path, corpus: str | Path, corpus_format: str, split: str,
+              windows: Sequence[int], threads: int | None = None, command: str | None = None) -> CacheParams:
     """``nextword-train fit-cache``: score ``split`` with the model, fit the cache on it (one row
     per window printed), and store the parameters with how they were fitted (and ``command``, when
     given) in the cache section of the model's model.json."""
@@ -199,22 +188,15 @@ def fit_cache(
     without = fitter.perplexity(None)
     best = fitter.perplexity(params)
     for row in table:
-        print(
-            f"window {row['window']:>5}: {split} ppl {row['ppl']:.2f} (decay {row['decay']}, "
-            f"kappa {row['kappa']}, weights {', '.join(f'{w:.3f}' for w in row['weights'])})"
-        )
+        print(f"window {row['window']:>5}: {split} ppl {row['ppl']:.2f} (decay {row['decay']}, "
+              f"kappa {row['kappa']}, weights {', '.join(f'{w:.3f}' for w in row['weights'])})")
     print(f"{split} ppl {without:.2f} -> {best:.2f} with the cache ({100 * (1 - best / without):.1f}% lower)")
     card = A.read_card(model_dir)
     card.cache = {
         **params.to_dict(),
-        "fitted": {
-            "split": split,
-            "corpus": card.training.get("protocol") or corpus_format,
-            "documents": len(docs),
-            "ppl_without": without,
-            "ppl": best,
-            "windows": [{"window": r["window"], "ppl": r["ppl"]} for r in table],
-        },
+        "fitted": {"split": split, "corpus": card.training.get("protocol") or corpus_format,
+                   "documents": len(docs), "ppl_without": without, "ppl": best,
+                   "windows": [{"window": r["window"], "ppl": r["ppl"]} for r in table]},
     }
     if command is not None:
         card.cache["command"] = command

@@ -32,9 +32,8 @@ def add_casing(model_dir: str | Path, corpus: str | Path, fmt: str = "brown") ->
     model_dir = Path(model_dir)
     card = A.read_card(model_dir)
     # Every other file must be intact; the casing file itself is being replaced (or was lost).
-    others = dataclasses.replace(
-        card, casing_file=None, files={n: h for n, h in card.files.items() if n != A.CASING_FILE}
-    )
+    others = dataclasses.replace(card, casing_file=None,
+                                 files={n: h for n, h in card.files.items() if n != A.CASING_FILE})
     A.verify_files(model_dir, others)
     vocab = Vocab.load(model_dir / card.vocab_file)
     counts = corpus_casing(corpus, fmt)

@@ -174,21 +174,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_adapted(args: argparse.Namespace, scored: dict) -> dict:
     from training.cache_eval import evaluate_adapted
 
-    return evaluate_adapted(
-        args.model,
-        args.corpus,
-        args.corpus_format,
-        args.split,
-        scored,
-        cache=args.cache,
-        ksr=args.ksr,
-        ksr_k=args.ksr_k,
-        ksr_words=args.ksr_words,
-        ngram_order=args.ngram_order,
-        threads=args.threads,
-        update_card=args.update_card,
-        ksr_head=args.ksr_head,
-    )
+    return evaluate_adapted(args.model, args.corpus, args.corpus_format, args.split, scored, cache=args.cache,
+                            ksr=args.ksr, ksr_k=args.ksr_k, ksr_words=args.ksr_words, ngram_order=args.ngram_order,
+                            threads=args.threads, update_card=args.update_card, ksr_head=args.ksr_head)
 
 
 _NGRAM_CACHE: dict = {}
@@ -276,10 +264,8 @@ def cmd_presage(args: argparse.Namespace) -> int:
     result = presage_ksr(args.corpus, args.work, args.split, args.words, args.suggestions, args.modes)
     for mode in args.modes:
         r = result[mode]
-        print(
-            f"presage {mode:<15} KSR top-{args.suggestions} {100 * r['ksr']:6.2f}%  ({result['words']} words of "
-            f"{args.split}, kn={r.get('kn')}, REPEAT_SUGGESTIONS={'no' if r['rotation'] else 'yes'})"
-        )
+        print(f"presage {mode:<15} KSR top-{args.suggestions} {100 * r['ksr']:6.2f}%  ({result['words']} words of "
+              f"{args.split}, kn={r.get('kn')}, REPEAT_SUGGESTIONS={'no' if r['rotation'] else 'yes'})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -346,29 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngram-order", type=int, default=5, help="also evaluate a Kneser-Ney baseline (0 = skip)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--json", help="also write the report to this JSON file")
-    p.add_argument(
-        "--cache",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also report perplexity with the model's fitted cache (documents in order, the cache reset at each)",
-    )
-    p.add_argument(
-        "--ksr",
-        action="store_true",
-        help="also simulate typing: keystroke savings with and without "
-        "the cache and suggestion rotation, and the n-gram baseline's",
-    )
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="also report perplexity with the model's fitted cache (documents in order, the cache "
+                   "reset at each)")
+    p.add_argument("--ksr", action="store_true", help="also simulate typing: keystroke savings with and without "
+                   "the cache and suggestion rotation, and the n-gram baseline's")
     p.add_argument("--ksr-k", type=int, default=3, help="suggestions offered per keystroke")
     p.add_argument("--ksr-words", type=int, default=None, help="simulate only the first N typed words")
-    p.add_argument(
-        "--ksr-head",
-        type=int,
-        default=1889,
-        help="also report the first N typed words alone (the words nextword-train presage --words N types)",
-    )
-    p.add_argument(
-        "--update-card", action="store_true", help="store the cache/KSR figures under the cache section of model.json"
-    )
+    p.add_argument("--ksr-head", type=int, default=1889, help="also report the first N typed words alone (the "
+                   "words nextword-train presage --words N types)")
+    p.add_argument("--update-card", action="store_true", help="store the cache/KSR figures under the cache "
+                   "section of model.json")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -382,20 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model version directory, e.g. models/brown-lstm/2")
     _add_corpus(p)
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="split to fit on")
-    p.add_argument(
-        "--windows",
-        type=int,
-        nargs="+",
-        default=[250, 500, 1000, 2000],
-        help="candidate windows (words); the best is kept, each one's perplexity is recorded",
-    )
+    p.add_argument("--windows", type=int, nargs="+", default=[250, 500, 1000, 2000],
+                   help="candidate windows (words); the best is kept, each one's perplexity is recorded")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    p.add_argument(
-        "--record-command",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="store this command line in the card",
-    )
+    p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True,
+                   help="store this command line in the card")
     p.set_defaults(func=cmd_fit_cache)
 
     p = sub.add_parser(
@@ -445,18 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--corpus", default=DEFAULT_BROWN, help=f"the Brown directory (default: {DEFAULT_BROWN})")
     p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument(
-        "--words", type=int, default=1889, help="typed words (default: the first test file's 1,888 and one more)"
-    )
+    p.add_argument("--words", type=int, default=1889, help="typed words (default: the first test file's 1,888 "
+                   "and one more)")
     p.add_argument("--suggestions", type=int, default=3)
-    p.add_argument(
-        "--modes",
-        nargs="+",
-        default=["static", "learning", "static-repeat", "learning-repeat"],
-        choices=["static", "learning", "static-repeat", "learning-repeat"],
-        help="online learning off (static) or on, with presage's default suggestion rotation "
-        "(REPEAT_SUGGESTIONS no) or without it (-repeat)",
-    )
+    p.add_argument("--modes", nargs="+", default=["static", "learning", "static-repeat", "learning-repeat"],
+                   choices=["static", "learning", "static-repeat", "learning-repeat"],
+                   help="online learning off (static) or on, with presage's default suggestion rotation "
+                   "(REPEAT_SUGGESTIONS no) or without it (-repeat)")
     p.add_argument("--work", default="runs/presage", help="where the database and configurations go")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=cmd_presage)
@@ -530,7 +490,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -154,22 +154,16 @@ def torch_model_from_artifact(model_dir: str | Path) -> LanguageModel:
     decoder_b = values.get(gemm.input[2], "decoder bias")
     tied = gemm.input[1] == emb_name
     if tied != card.tied:
-        raise FromOnnxError(
-            f"model.json says tied={card.tied}, the graph's decoder {'is' if tied else 'is not'} the embedding"
-        )
+        raise FromOnnxError(f"model.json says tied={card.tied}, the graph's decoder {'is' if tied else 'is not'} "
+                            "the embedding")
     projection = None
     before = values.producer.get(gemm.input[0])
     if before is not None and before.op_type == "MatMul" and before.input[1] in values.arrays:
         projection = values.get(before.input[1], "projection").T  # stored transposed: [H, E] → [E, H]
 
     cfg = ModelConfig(
-        vocab_size=card.vocab_size,
-        cell=card.cell,
-        embedding_size=card.embedding_size,
-        hidden_size=card.hidden_size,
-        num_layers=card.num_layers,
-        tied=card.tied,
-        zoneout=0.0,
+        vocab_size=card.vocab_size, cell=card.cell, embedding_size=card.embedding_size,
+        hidden_size=card.hidden_size, num_layers=card.num_layers, tied=card.tied, zoneout=0.0,
     )
     model = LanguageModel(cfg)
     _assign(model.embedding.weight, embedding, "embedding")

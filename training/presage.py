@@ -21,10 +21,8 @@ from nextword.text import EOS
 from training.data import brown_files, brown_sentences, brown_split_of, split_documents
 
 SYSTEM_CONFIG = Path("/etc/presage.xml")
-ALL_PREDICTORS = (
-    "DefaultAbbreviationExpansionPredictor DefaultSmoothedNgramPredictor UserSmoothedNgramPredictor "
-    "DefaultRecencyPredictor"
-)
+ALL_PREDICTORS = ("DefaultAbbreviationExpansionPredictor DefaultSmoothedNgramPredictor UserSmoothedNgramPredictor "
+                  "DefaultRecencyPredictor")
 
 
 class PresageError(RuntimeError):
@@ -52,11 +50,8 @@ def build_database(corpus: str | Path, work: Path) -> Path:
     partial = work / "brown-train.db.part"
     partial.unlink(missing_ok=True)
     for n in (1, 2, 3):
-        subprocess.run(
-            [_need("text2ngram"), "-n", str(n), "-l", "-f", "sqlite", "-o", str(partial), "-a", str(text)],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        subprocess.run([_need("text2ngram"), "-n", str(n), "-l", "-f", "sqlite", "-o", str(partial), "-a", str(text)],
+                       check=True, stdout=subprocess.DEVNULL)
     partial.rename(db)
     return db
 
@@ -88,37 +83,23 @@ def config(db: Path, user_db: Path, learning: bool, suggestions: int = 3, rotate
     default: a suggestion passed over is not offered again for the same word, our rotation) or yes."""
     xml = SYSTEM_CONFIG.read_text(encoding="utf-8")
     xml = re.sub(r"<SUGGESTIONS>\d+</SUGGESTIONS>", f"<SUGGESTIONS>{suggestions}</SUGGESTIONS>", xml)
-    xml = re.sub(
-        r"<REPEAT_SUGGESTIONS>\w+</REPEAT_SUGGESTIONS>",
-        f"<REPEAT_SUGGESTIONS>{'no' if rotate else 'yes'}</REPEAT_SUGGESTIONS>",
-        xml,
-    )
+    xml = re.sub(r"<REPEAT_SUGGESTIONS>\w+</REPEAT_SUGGESTIONS>",
+                 f"<REPEAT_SUGGESTIONS>{'no' if rotate else 'yes'}</REPEAT_SUGGESTIONS>", xml)
     xml = xml.replace("/usr/share/presage/database_en.db", str(db)).replace("${HOME}/.presage/lm.db", str(user_db))
     if not learning:
-        xml = xml.replace(
-            f"<PREDICTORS>{ALL_PREDICTORS}</PREDICTORS>", "<PREDICTORS>DefaultSmoothedNgramPredictor</PREDICTORS>"
-        )
+        xml = xml.replace(f"<PREDICTORS>{ALL_PREDICTORS}</PREDICTORS>", "<PREDICTORS>DefaultSmoothedNgramPredictor"
+                          "</PREDICTORS>")
         xml = xml.replace("<ONLINE_LEARNING>yes</ONLINE_LEARNING>", "<ONLINE_LEARNING>no</ONLINE_LEARNING>")
     return xml
 
 
 # result keys: (online learning, rotation)
-MODES = {
-    "static": (False, True),
-    "learning": (True, True),
-    "static-repeat": (False, False),
-    "learning-repeat": (True, False),
-}
+MODES = {"static": (False, True), "learning": (True, True), "static-repeat": (False, False),
+         "learning-repeat": (True, False)}
 
 
-def presage_ksr(
-    corpus: str | Path,
-    work: str | Path,
-    split: str = "test",
-    words: int = 1889,
-    suggestions: int = 3,
-    modes: Sequence[str] = tuple(MODES),
-) -> dict:
+def presage_ksr(corpus: str | Path, work: str | Path, split: str = "test", words: int = 1889,
+                suggestions: int = 3, modes: Sequence[str] = tuple(MODES)) -> dict:
     """KSR of presage on the split's first ``words`` typed words, for each of :data:`MODES`: online
     learning off or on, each with presage's default ``REPEAT_SUGGESTIONS`` = no (rotation: compare
     with our ``+rotation`` rows) and with it = yes (``-repeat``: compare with the rows without);
@@ -141,12 +122,8 @@ def presage_ksr(
         user_db.unlink(missing_ok=True)  # online learning starts from nothing, like a new user
         conf = work / f"presage-{mode}.xml"
         conf.write_text(config(db, user_db, learning, suggestions, rotate), encoding="utf-8")
-        run = subprocess.run(
-            [simulator, "-i", "-q", "-c", str(conf), str(work / "typed.txt")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        run = subprocess.run([simulator, "-i", "-q", "-c", str(conf), str(work / "typed.txt")],
+                             capture_output=True, text=True, check=True)
         found = re.search(r"KSR:\s*([0-9.]+)", run.stdout)
         if found is None:
             raise PresageError(f"presage_simulator printed no KSR: {run.stdout[-500:]}")
