@@ -1,7 +1,7 @@
 """Casing statistics for a model version: counted from the training split of a cased corpus and
 written beside the vocabulary through the artifact format (torch-free).
 
-``nextword-train casing --model models/brown-lstm/2 --corpus ../shared/data/brown`` adds them to an
+``nextword-train casing --model models/brown-lstm/3 --corpus ../shared/data/brown`` adds them to an
 existing version; ``nextword-train export`` writes them with every new version it exports.
 """
 

@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perplexity and top-1/3/5 accuracy of a model version on corpus splits, "
         "reading each split as one stream with carried state.",
     )
-    p.add_argument("--model", required=True, help="model version directory, e.g. models/brown-lstm/2")
+    p.add_argument("--model", required=True, help="model version directory, e.g. models/brown-lstm/3")
     _add_corpus(p)
     p.add_argument("--split", nargs="+", default=["test"], choices=["train", "valid", "test"], help="splits")
     p.add_argument("--ngram-order", type=int, default=5, help="also evaluate a Kneser-Ney baseline (0 = skip)")
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the cache reset at each) and writes them to the cache section of model.json. Re-run it after "
         "replacing a model; a model without the section is served without a cache.",
     )
-    p.add_argument("--model", required=True, help="model version directory, e.g. models/brown-lstm/2")
+    p.add_argument("--model", required=True, help="model version directory, e.g. models/brown-lstm/3")
     _add_corpus(p)
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="split to fit on")
     p.add_argument("--windows", type=int, nargs="+", default=[250, 500, 1000, 2000],
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Counts each vocabulary word's written forms in the corpus's training split (sentence "
         "starts excluded) and adds casing.tsv to the version, rewriting model.json's checksums.",
     )
-    p.add_argument("--model", required=True, help="model version directory, e.g. models/brown-lstm/2")
+    p.add_argument("--model", required=True, help="model version directory, e.g. models/brown-lstm/3")
     _add_corpus(p)
     p.set_defaults(func=cmd_casing)
 
