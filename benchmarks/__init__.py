@@ -15,7 +15,8 @@ and ✅/❌. Sections (``--only``):
 * ``prompt``   — stateless predict on 1/64/512-word prompts, cost per prompt word
 * ``training`` — tokens/s of the trainer's step vs a minimal nn.LSTM loop, and of every cell
 * ``keyboard`` — simulated typists on WebSocket sessions (one character per message, open loop):
-  typists served at p99 ≤ 50 ms with the keystroke fast path vs without it; prefix selection cost
+  typists served at p99 ≤ 50 ms with the keystroke fast path vs without it, and by the stack
+  alone answering with no work (``benchmarks/floor_app.py``); prefix selection cost
 * ``suggest``  — typo-tolerant completion: accuracy and cost (``benchmarks/suggest.py``)
 * ``soak``     — 64 clients of mixed requests for 60 s: no errors, and no growth of the server's
   resident memory from the first half to the second

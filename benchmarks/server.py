@@ -107,8 +107,9 @@ def private_repository(model_dir: Path, work_dir: Path) -> Path:
 
 
 def start_service(repository: Path, log_dir: Path, env: dict[str, str] | None = None, *, threads: int,
-                  timeout: float = 120.0) -> Service:
-    """``python -m uvicorn service.main:app`` on a free port, ready when ``/readyz`` says 200."""
+                  timeout: float = 120.0, app: str = "service.main:app", args: tuple[str, ...] = ()) -> Service:
+    """``python -m uvicorn service.main:app`` (or another ``app``) on a free port, ready when
+    ``/readyz`` says 200."""
     import httpx
 
     port = free_port()
@@ -122,8 +123,8 @@ def start_service(repository: Path, log_dir: Path, env: dict[str, str] | None = 
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         **(env or {}),
     }
-    argv = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning", "--no-access-log"]
+    argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "warning", "--no-access-log", *args]
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"uvicorn-{port}.log"
     with log_path.open("wb") as fh:
@@ -189,10 +190,12 @@ class ServerPool:
         self._services: dict[str, Service] = {}
         self._redis: Redis | None = None
 
-    def service(self, key: str = "default", env: dict[str, str] | None = None) -> Service:
+    def service(self, key: str = "default", env: dict[str, str] | None = None,
+                app: str = "service.main:app") -> Service:
         if key not in self._services:
             log(f"starting uvicorn ({key}{', ' + str(env) if env else ''})")
-            self._services[key] = start_service(self.repository, self.work_dir / "logs", env, threads=self.threads)
+            self._services[key] = start_service(self.repository, self.work_dir / "logs", env, threads=self.threads,
+                                                app=app)
         return self._services[key]
 
     def release(self, key: str) -> None:

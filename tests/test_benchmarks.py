@@ -197,6 +197,23 @@ def test_keyboard_replay_against_a_real_server(live_server: str, tmp_path: Path)
     assert result["client_cpu_cores"] > 0 and result["clients"] == 1
 
 
+def test_keyboard_floor_app_answers_the_load_generator(tmp_path: Path) -> None:
+    """The keyboard section's floor (the same stack answering with no work) speaks the session
+    socket's protocol as far as the load generator reads it: every keystroke is answered."""
+    from benchmarks.keyboard import FLOOR_APP, replay, sentences
+    from benchmarks.server import start_service
+
+    texts, _ = sentences(0, count=10, root=tmp_path / "no-corpus")
+    service = start_service(tmp_path / "repo", tmp_path / "logs", threads=1, app=FLOOR_APP, timeout=60)
+    try:
+        result = replay(service.url, 3, texts, seconds=1.5, warmup_s=0.3, interval_ms=40, server_pid=service.pid)
+    finally:
+        service.stop()
+    assert result["error_count"] == 0, result["errors"]
+    assert result["answered"] == result["sent"] > 0
+    assert result["server_cpu_cores"] is not None
+
+
 def test_brown_sentences_are_typed_as_text() -> None:
     from benchmarks.keyboard import detokenize
 
