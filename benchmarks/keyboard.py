@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Context, Row, at_least, at_most, log, measure_interleaved, percentile, run_async
-from benchmarks.server import ROOT, process_cpu_seconds
+from benchmarks.server import ROOT, SERVICE_APP, process_cpu_seconds
 from benchmarks.texts import PASSAGE
 
 BROWN = ROOT.parent / "shared" / "data" / "brown"
@@ -268,7 +268,7 @@ def replay(url: str, typists: int, texts: list[str], *, seconds: float, warmup_s
 
 
 def _ramp(ctx: Context, key: str, env: dict[str, str] | None, texts: list[str],
-          app: str = "service.main:app") -> list[dict[str, Any]]:
+          app: str = SERVICE_APP) -> list[dict[str, Any]]:
     card = ctx.card
     service = ctx.servers.service(key, env, app=app)
     levels = []
@@ -298,9 +298,18 @@ def _served(levels: list[dict[str, Any]]) -> int:
     return best
 
 
+def _level(levels: list[dict[str, Any]], typists: int) -> dict[str, Any]:
+    """The ramp's level of ``typists`` ({} when the ramp did not run it)."""
+    return next((m for m in levels if m["typists"] == typists), {})
+
+
+def _ran_out(levels: list[dict[str, Any]]) -> bool:
+    """Whether the ramp ended at its last level without missing (the ramp stops at a miss)."""
+    return bool(levels[-1]["ok"])
+
+
 def _cpu_ms(levels: list[dict[str, Any]], typists: int) -> float | None:
-    m = next((m for m in levels if m["typists"] == typists), None)
-    return m.get("server_cpu_ms_per_keystroke") if m else None
+    return _level(levels, typists).get("server_cpu_ms_per_keystroke")
 
 
 def _limit_note(ramps: dict[str, list[dict[str, Any]]], floor_levels: list[dict[str, Any]], on: int,
@@ -393,8 +402,7 @@ def run_keyboard(ctx: Context) -> list[Row]:
     on, off = _served(ramps["fast path"]), _served(ramps["fast path off"])
     floor = _served(floor_levels)
     ratio = on / off if off else None
-    capped = on == ramps["fast path"][-1]["typists"] and ramps["fast path"][-1]["ok"]
-    notes = [f"the ramp ended at {on} typists without missing" if capped else "",
+    notes = [f"the ramp ended at {on} typists without missing" if _ran_out(ramps["fast path"]) else "",
              "" if off else f"the baseline missed the bar at the ramp's first level ({RAMP[0]} typists): no ratio",
              _limit_note(ramps, floor_levels, on, off) if ratio is not None and ratio < TARGET_TYPISTS else ""]
     ratio_text = f"{ratio:.2f}× " if ratio is not None else ""
@@ -405,20 +413,19 @@ def run_keyboard(ctx: Context) -> list[Row]:
         note="; ".join(n for n in notes if n),
         details={"fast_path_typists": on, "baseline_typists": off, "text": source},
     ))
-    floor_capped = floor == floor_levels[-1]["typists"] and floor_levels[-1]["ok"]
+    floor_text = f"{'at least ' if _ran_out(floor_levels) else ''}{floor} typists"
+    if off and floor:
+        floor_text += f": {floor / off:.2f}× the baseline's {off}; the fast path serves {on / floor:.0%} of it"
     rows.append(Row(
         "keyboard", f"typists served at p99 ≤ {P99_MS:g} ms with no errors by the stack alone (the floor)", floor,
-        "typists",
-        display=(f"{'at least ' if floor_capped else ''}{floor} typists: {floor / off:.2f}× the baseline's {off}; "
-                 f"the fast path serves {on / floor:.0%} of it" if off and floor else f"{floor} typists"),
+        "typists", display=floor_text,
         note="FastAPI + uvicorn answering each message with a canned reply of the same size (JSON in, JSON out, no "
              "session, model or selection) beside the same load generator: no service built on this stack serves "
              "more typists on this machine",
         details={"floor_typists": floor, "levels": floor_levels},
     ))
-    at8 = next((m for m in ramps["fast path"] if m["typists"] == MIDWORD_AT), None)
-    mid = at8.get("midword_p50_ms") if at8 else None
-    late = at8.get("send_late_p50_ms") if at8 else None
+    at8 = _level(ramps["fast path"], MIDWORD_AT)
+    mid, late = at8.get("midword_p50_ms"), at8.get("send_late_p50_ms")
     rows.append(Row(
         "keyboard", f"mid-word keystroke p50 at {MIDWORD_AT} typists, fast path", mid, "ms",
         target=f"≤ {TARGET_MIDWORD_P50_MS:g} ms", met=at_most(mid, TARGET_MIDWORD_P50_MS),

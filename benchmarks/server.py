@@ -25,6 +25,9 @@ from benchmarks.common import log
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SERVICE_APP = "service.main:app"  # what uvicorn serves unless a benchmark names another app
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -107,7 +110,7 @@ def private_repository(model_dir: Path, work_dir: Path) -> Path:
 
 
 def start_service(repository: Path, log_dir: Path, env: dict[str, str] | None = None, *, threads: int,
-                  timeout: float = 120.0, app: str = "service.main:app", args: tuple[str, ...] = ()) -> Service:
+                  timeout: float = 120.0, app: str = SERVICE_APP) -> Service:
     """``python -m uvicorn service.main:app`` (or another ``app``) on a free port, ready when
     ``/readyz`` says 200."""
     import httpx
@@ -124,7 +127,7 @@ def start_service(repository: Path, log_dir: Path, env: dict[str, str] | None = 
         **(env or {}),
     }
     argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning", "--no-access-log", *args]
+            "--log-level", "warning", "--no-access-log"]
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"uvicorn-{port}.log"
     with log_path.open("wb") as fh:
@@ -190,8 +193,7 @@ class ServerPool:
         self._services: dict[str, Service] = {}
         self._redis: Redis | None = None
 
-    def service(self, key: str = "default", env: dict[str, str] | None = None,
-                app: str = "service.main:app") -> Service:
+    def service(self, key: str = "default", env: dict[str, str] | None = None, app: str = SERVICE_APP) -> Service:
         if key not in self._services:
             log(f"starting uvicorn ({key}{', ' + str(env) if env else ''})")
             self._services[key] = start_service(self.repository, self.work_dir / "logs", env, threads=self.threads,
