@@ -335,3 +335,17 @@ def test_adaptation_text_is_cut_into_typed_words_and_context_marks() -> None:
                       ("3 ", False), ("(", False), ("or ", True), ("any ", True), ("later", True), (") ", False),
                       ("don't", False), (". ", False), ("End", True)]
     assert [p for p, typed in chunks("one two three", limit=2) if typed] == ["one ", "two "]
+
+
+def test_commit_cost_compares_full_and_new_sessions(model_repository: Path, tmp_path: Path) -> None:
+    """The adaptation section's commit-cost row runs the real session manager on a real model."""
+    from benchmarks.adaptation import commit_cost
+    from benchmarks.common import Context
+
+    ctx = Context(model_dir=model_repository / "tiny" / "1", quick=True, threads=1, seed=0, work_dir=tmp_path)
+    words = ["the", "quick", "brown", "fox", "zorblat"] * 600
+    row = commit_cost(ctx, words)
+    assert row.value is not None and row.value > 0, row
+    assert row.details["learned_words"] == 2002 and row.details["commits_per_arm"] == 20
+    assert row.details["full_ms"] > 0 and row.details["new_ms"] > 0
+    assert commit_cost(ctx, words[:100]).display == "not measured"

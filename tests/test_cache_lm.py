@@ -309,6 +309,37 @@ def test_a_full_session_record_stays_under_64_kb() -> None:
     assert len(meta) + len(state) <= 64 * 1024, len(meta) + len(state)
 
 
+
+def test_a_commit_encodes_only_its_own_words_and_stays_exact(cached_repository: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session update stays O(new words): a commit reuses the ids of the words learned so far
+    (kept with the cached row) instead of encoding the whole window again, and still equals
+    stateless prediction when the window is full and slides."""
+    encoded: list[int] = []
+    real_encode = Vocab.encode
+
+    def counting_encode(self: Vocab, words: Any) -> list[int]:
+        ids = real_encode(self, words)
+        encoded.append(len(ids))
+        return ids
+
+    monkeypatch.setattr(Vocab, "encode", counting_encode)
+    with TestClient(create_app(settings_for(cached_repository, cache_window_words=20))) as c:
+        words = (TEXT_WORDS[:-1] * 4)[:40]
+        text = " ".join(words[:10]) + " "
+        sid = c.post("/v1/sessions", json={"k": 100, "text": text}).json()["session_id"]
+        for word in words[10:]:
+            for chunk in (word, " "):
+                text += chunk
+                encoded.clear()
+                r = c.post(f"/v1/sessions/{sid}/text", json={"text": chunk})
+                assert r.status_code == 200, r.text
+                if chunk == " ":  # the commit: its tokens (a word, or "." and <eos>) for the model and the cache
+                    assert sum(encoded) <= 4, (encoded, word)
+                encoded.clear()
+                assert_same(r.json(), predict(c, text), text)
+        # the window (20) + the trigram's two context words: it slid, the cached ids with it
+        assert len(c.app.state.sessions.store._sessions[sid].learned) == 22
 # --------------------------------------------------------------------------- training CLI
 
 

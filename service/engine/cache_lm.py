@@ -64,6 +64,20 @@ class CacheParams:
         if len(self.weights) != 3 or min(self.weights) < 0 or sum(self.weights) >= 1:
             raise ValueError("cache: three weights >= 0 summing to less than 1 are required")
 
+    @cached_property
+    def powers(self) -> np.ndarray:
+        """``decay ** a`` for ``a`` = 0 .. window − 1: the weight of the word ``a`` places before the last."""
+        powers = np.power(self.decay, np.arange(self.window, dtype=np.float64))
+        powers.flags.writeable = False
+        return powers
+
+    @cached_property
+    def power_sums(self) -> np.ndarray:
+        """``power_sums[a]`` = the sum of ``powers[: a + 1]``: the total weight of the last ``a + 1`` words."""
+        sums = np.cumsum(self.powers)
+        sums.flags.writeable = False
+        return sums
+
     @property
     def history(self) -> int:
         """Words of context the mixture reads: the window plus the trigram's two context words."""
@@ -102,54 +116,48 @@ class CacheDistribution:
 EMPTY = CacheDistribution(0.0, np.empty(0, np.int64), np.empty(0, np.float64))
 
 
-def _component(
-    history: np.ndarray, match: np.ndarray, window: int, decay: float
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Decayed counts of the words at positions ``match`` (indices into ``history``) whose age
-    (``len(history) − position``) is at most ``window``: (ids, weights, total weight)."""
-    n = history.size
-    ages = n - match
-    match = match[ages <= window]
-    if match.size == 0:
-        return np.empty(0, np.int64), np.empty(0, np.float64), 0.0
-    weights = np.power(decay, (n - match - 1).astype(np.float64))
-    return history[match], weights, float(weights.sum())
-
-
 def cache_distribution(history: Sequence[int] | np.ndarray, params: CacheParams) -> CacheDistribution:
     """The cache component after ``history`` (the context's word ids, oldest first; only the last
-    ``params.history`` matter)."""
+    ``params.history`` matter). This runs on every committed word of every session, so it is a few
+    whole-array numpy passes over at most ``params.history`` ids (the decay powers are computed
+    once per parameter set), not a loop over the words."""
     h = np.asarray(history, dtype=np.int64)[-params.history :]
     n = h.size
     if n == 0:
         return EMPTY
     l1, l2, l3 = params.weights
+    powers = params.powers  # powers[a] = decay ** a: the weight of the word a places before the last
+    start = max(0, n - params.window)  # the positions the window counts (age <= window)
     parts_ids: list[np.ndarray] = []
     parts_probs: list[np.ndarray] = []
     keep_out = 0.0
+    if l1 > 0:
+        span = n - start
+        parts_ids.append(h[start:])
+        parts_probs.append(powers[span - 1 :: -1] * (l1 / float(params.power_sums[span - 1])))
+        keep_out += l1
 
-    def add(match: np.ndarray, weight: float, backed_off: bool) -> None:
-        # ``backed_off``: a context seen ``total`` (decayed) times gets weight × total / (total + kappa)
+    def add_context(match: np.ndarray, weight: float) -> None:
+        # what followed this context before: a context seen ``total`` (decayed) times gets weight
+        # × total / (total + kappa)
         nonlocal keep_out
-        ids, w, total = _component(h, match, params.window, params.decay)
-        if total > 0:
-            a = weight * total / (total + params.kappa) if backed_off else weight
-            parts_ids.append(ids)
+        match = match[match >= start]
+        if match.size:
+            w = powers[n - 1 - match]
+            total = float(w.sum())
+            a = weight * total / (total + params.kappa)
+            parts_ids.append(h[match])
             parts_probs.append(w * (a / total))
             keep_out += a
 
-    if l1 > 0:
-        add(np.arange(n), l1, backed_off=False)
     if n >= 2 and l2 > 0:
         # positions m >= 1 whose previous word is the current last word (m < n: only seen words)
-        match = np.flatnonzero(h[:-1] == h[-1]) + 1
-        add(match[match < n], l2, backed_off=True)
+        add_context(np.flatnonzero(h[:-1] == h[-1]) + 1, l2)
     if n >= 3 and l3 > 0:
-        match = np.flatnonzero((h[:-2] == h[-2]) & (h[1:-1] == h[-1])) + 2
-        add(match[match < n], l3, backed_off=True)
+        add_context(np.flatnonzero((h[:-2] == h[-2]) & (h[1:-1] == h[-1])) + 2, l3)
     if not parts_ids:
         return EMPTY
-    all_ids = np.concatenate(parts_ids)
+    all_ids = np.concatenate(parts_ids) if len(parts_ids) > 1 else parts_ids[0]
     uniq, inverse = np.unique(all_ids, return_inverse=True)
     probs = np.bincount(inverse, weights=np.concatenate(parts_probs), minlength=uniq.size)
     return CacheDistribution(keep_out, uniq, probs)

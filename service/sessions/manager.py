@@ -259,21 +259,25 @@ class SessionManager:
         return lv, not _fits(lv, record)
 
     def adjust_row(self, lv: LoadedVersion, record: SessionRecord, log_probs: np.ndarray, tail: list[str],
-                   learn: bool) -> AdaptedRow:
+                   learn: bool, learned_ids: np.ndarray) -> AdaptedRow:
         """The session's final next-word distribution from the model's row, before prefix
-        selection: the cache language model over the words learned so far and the pending chunk's
-        complete words, and the session's new words (``service/engine/cache_lm.py``; the same
-        context words as stateless prediction reads). What it returns is what the keystroke cache
-        keeps; whatever it reads from ``record`` must be in :meth:`stamp` (``learned`` follows
-        from the committed words)."""
-        context = record.learned + tail if learn else []
+        selection: the cache language model over the words learned so far (whose ids are
+        ``learned_ids``) and the pending chunk's complete words, and the session's new words
+        (``service/engine/cache_lm.py``; the same context words as stateless prediction reads).
+        What it returns is what the keystroke cache keeps; whatever it reads from ``record`` must
+        be in :meth:`stamp` (``learned`` follows from the committed words)."""
+        if not learn:
+            return adapt_row(lv, self.settings, log_probs, [], [], learn)
+        ids = np.concatenate([learned_ids, _lower_ids(lv, tail)]) if tail else learned_ids
         # the words as written (new words are offered so), the model's ids from their lowercase
-        return adapt_row(lv, self.settings, log_probs, context, lv.vocab.encode([w.lower() for w in context]), learn)
+        return adapt_row(lv, self.settings, log_probs, record.learned + tail, ids, learn)
 
-    def stamp(self, record: SessionRecord, tail: list[str], learn: bool) -> Hashable:
+    @staticmethod
+    def stamp(record: SessionRecord, tail: list[str], learn: bool) -> tuple[Hashable, Hashable]:
         """Everything besides the model version and the state arrays that the final row depends
-        on: a cached row is reused only while this is unchanged."""
-        return record.last_id, tuple(tail), record.committed, record.context, learn
+        on, as ``(history, view)``: the committed text, and the pending chunk's words and whether
+        this update adapts. A cached row is reused only while both are unchanged."""
+        return (record.last_id, record.committed, record.context), (tuple(tail), learn)
 
     async def _advance(self, record: SessionRecord, raw: str, k: int, learn: bool = True,
                        options: SuggestOptions | None = None) -> SessionResult:
@@ -324,6 +328,12 @@ class SessionManager:
             lambda: self._version_for(record), submit
         )
         assert outputs[-1].log_probs is not None
+        # The ids of the words learned so far, as cached with the last row of this very history
+        # (before this update changes it): a commit then encodes only its own words.
+        learned_ids = None if rebuilt else self.rows.learned_ids(record.id, lv, self.stamp(record, [], learn)[0],
+                                                                 record.state)
+        if learned_ids is not None and learned_ids.size != len(record.learned):
+            learned_ids = None
         if n:
             record.state, record.last_id = outputs[0].next_state, int(ids[n - 1])
         elif rebuilt:
@@ -336,11 +346,16 @@ class SessionManager:
         record.committed += len(split.committed)
         keep = self.settings.session_rebuild_words
         record.recent_words = (record.recent_words + split.committed)[-keep:]
-        if learn and self.settings.adaptation and self.settings.cache_window_words > 0:
-            record.learned = (record.learned + written)[-(self.settings.cache_window_words + 2) :]
+        if learn and self.settings.adaptation and self.settings.cache_window_words > 0 and written:
+            keep = self.settings.cache_window_words + 2
+            record.learned = (record.learned + written)[-keep:]
+            if learned_ids is not None:
+                learned_ids = np.concatenate([learned_ids, _lower_ids(lv, written)])[-keep:]
+        if learned_ids is None:
+            learned_ids = _lower_ids(lv, record.learned)
         record.pending = split.pending
-        row = self.adjust_row(lv, record, outputs[-1].log_probs, tail, learn)
-        self.rows.put(record.id, lv, self.stamp(record, tail, learn), record.state, row)
+        row = self.adjust_row(lv, record, outputs[-1].log_probs, tail, learn, learned_ids)
+        self.rows.put(record.id, lv, self.stamp(record, tail, learn), record.state, row, learned_ids)
         return self._result(lv, record, row, k, split, writing, options, rebuilt)
 
     def _result(self, lv: LoadedVersion, record: SessionRecord, row: AdaptedRow, k: int, split: SplitText,
@@ -364,6 +379,11 @@ class SessionManager:
         if len(split.pending) <= len(record.passed_for) or not split.pending.startswith(record.passed_for):
             return frozenset()
         return frozenset(record.passed)
+
+
+def _lower_ids(lv: LoadedVersion, words: list[str]) -> np.ndarray:
+    """The vocabulary ids of ``words`` read in lowercase (how the cache counts them), as int32."""
+    return np.asarray(lv.vocab.encode([w.lower() for w in words]), dtype=np.int32)
 
 
 class _Submitted(NamedTuple):

@@ -17,7 +17,13 @@ The cache is an optimisation, never a source of truth:
   restarted, the model changed.
 * It holds at most ``max_bytes`` (``NEXTWORD_SESSION_ROW_CACHE_BYTES``), least recently used out
   first. An entry costs its row (``4 × vocabulary size`` bytes), the session's new words offered
-  beside it, its state arrays and :data:`ENTRY_OVERHEAD_BYTES` of bookkeeping.
+  beside it, its state arrays, the vocabulary ids of the words the session has learned (4 bytes a
+  word, at most ``NEXTWORD_CACHE_WINDOW_WORDS`` + 2) and :data:`ENTRY_OVERHEAD_BYTES` of bookkeeping.
+
+A stamp is a pair ``(history, view)``: ``history`` identifies the committed text (with the state
+arrays), ``view`` what else the row depends on. The learned words' ids depend on the history alone,
+so a commit reuses them (:meth:`RowCache.learned_ids`) and encodes only its new words: the cost of
+a commit does not grow with the length of the session.
 
 Event-loop only (no locks): the manager calls it between awaits.
 """
@@ -49,14 +55,17 @@ class _Entry:
     stamp: Hashable
     state: dict[str, np.ndarray] | None
     row: AdaptedRow
+    learned_ids: np.ndarray | None
     nbytes: int
 
 
-def entry_bytes(row: AdaptedRow, state: dict[str, np.ndarray] | None) -> int:
+def entry_bytes(row: AdaptedRow, state: dict[str, np.ndarray] | None, learned_ids: np.ndarray | None = None) -> int:
     """What one cached session costs (the figure the byte bound counts); a new word is counted
     as its UTF-8 bytes plus 64 for the string object and its log-probability."""
     words = sum(len(w.encode()) + 64 for w in row.new_words) + sum(len(w.encode()) + 64 for w in row.new_written)
-    return row.log_probs.nbytes + words + sum(a.nbytes for a in (state or {}).values()) + ENTRY_OVERHEAD_BYTES
+    learned = learned_ids.nbytes if learned_ids is not None else 0
+    return (row.log_probs.nbytes + words + sum(a.nbytes for a in (state or {}).values()) + learned
+            + ENTRY_OVERHEAD_BYTES)
 
 
 def _same_state(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray] | None) -> bool:
@@ -88,7 +97,7 @@ class RowCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, session_id: str, model: object, stamp: Hashable,
+    def get(self, session_id: str, model: object, stamp: tuple[Hashable, Hashable],
             state: dict[str, np.ndarray] | None) -> AdaptedRow | None:
         """The row cached for this session if it was computed from exactly these inputs."""
         entry = self._entries.get(session_id)
@@ -100,15 +109,29 @@ class RowCache:
         _MISS.inc()
         return None
 
-    def put(self, session_id: str, model: object, stamp: Hashable, state: dict[str, np.ndarray] | None,
-            row: AdaptedRow) -> None:
-        """Remember ``row`` (copied: batch rows are views into a whole batch's output)."""
+    def learned_ids(self, session_id: str, model: object, history: Hashable,
+                    state: dict[str, np.ndarray] | None) -> np.ndarray | None:
+        """The ids of the session's learned words as cached with its row, if that row's history
+        (and state) is this one: whatever the pending fragment was then. Not counted as a lookup."""
+        entry = self._entries.get(session_id)
+        if (entry is not None and entry.learned_ids is not None and entry.model() is model
+                and entry.stamp[0] == history and _same_state(entry.state, state)):
+            return entry.learned_ids
+        return None
+
+    def put(self, session_id: str, model: object, stamp: tuple[Hashable, Hashable],
+            state: dict[str, np.ndarray] | None, row: AdaptedRow, learned_ids: np.ndarray | None = None) -> None:
+        """Remember ``row`` (copied when it is a view: batch rows are views into a whole batch's
+        output) and, when given, the ids of the learned words it was computed from (kept as given:
+        the caller hands over an array it no longer changes)."""
         if not self.enabled:
             return
-        values = np.array(row.log_probs, dtype=np.float32, copy=True)
+        values = row.log_probs
+        if values.base is not None or values.dtype != np.float32:
+            values = np.array(values, dtype=np.float32, copy=True)
         values.flags.writeable = False
         own = AdaptedRow(values, row.new_words, np.array(row.new_log_probs, copy=True), row.new_written)
-        nbytes = entry_bytes(own, state)
+        nbytes = entry_bytes(own, state, learned_ids)
         self.drop(session_id)
         if nbytes > self.max_bytes:
             return
@@ -116,7 +139,7 @@ class RowCache:
             _, oldest = self._entries.popitem(last=False)
             self._account(-oldest.nbytes, -1)
             metrics.ROW_CACHE_EVICTIONS.inc()
-        self._entries[session_id] = _Entry(weakref.ref(model), stamp, state, own, nbytes)
+        self._entries[session_id] = _Entry(weakref.ref(model), stamp, state, own, learned_ids, nbytes)
         self._account(nbytes, 1)
 
     def drop(self, session_id: str) -> None:
