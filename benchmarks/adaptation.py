@@ -126,8 +126,6 @@ def run_adaptation(ctx: Context) -> list[Row]:
     )]
 
 
-COMMIT_TARGET = 1.25  # a commit in a full session costs at most this many times one in a new session
-
 
 def commit_cost(ctx: Context, words: list[str]) -> Row:
     """Event-loop CPU of a word-completing update (``time.thread_time`` around
@@ -182,9 +180,10 @@ def commit_cost(ctx: Context, words: list[str]) -> Row:
     full, new = (statistics.fmean(spent[arm]) * 1e3 for arm in ("full", "new"))
     ratio = full / new
     return Row(
-        "adaptation", name, ratio, "×", target=f"≤ {COMMIT_TARGET:g}×", met=ratio <= COMMIT_TARGET,
+        "adaptation", name, ratio, "×",
         display=f"{ratio:.2f}× ({full:.2f} vs {new:.2f} ms, {window:,} vs at most {commits + 1} learned words)",
-        note="a commit encodes only its own words: the learned words' ids are kept with the session's cached "
-             "row; what still grows with the window is numpy work over its ids (the cache's counts, new words)",
+        note="a commit encodes only its own words (the learned words' ids are kept with the session's cached "
+             "row) and runs the model on them alone; what still grows with the window is whole-array work over "
+             "its ids (the cache's counts) and one pass over its unknown words (the new words)",
         details={"full_ms": full, "new_ms": new, "learned_words": window, "commits_per_arm": len(spent["full"])},
     )

@@ -205,8 +205,15 @@ class Settings(BaseSettings):
     session_row_cache_bytes: int = Field(
         128 << 20, ge=0, description="Bytes of this process's keystroke cache: each session's last next-word "
         "distribution, so that an update that commits no word (typing inside a word, backspace) costs no model "
-        "work. A cached session costs 4 x vocabulary size + its state + 1 KB (79,332 bytes for brown-lstm); least "
-        "recently used out first. 0 turns the fast path off (every update runs the model)."
+        "work. A cached session costs 4 x vocabulary size + its state + 4 bytes per learned word + 1 KB (79,332 to "
+        "87,340 bytes for brown-lstm); least recently used out first. 0 turns the fast path off (every update runs "
+        "the model)."
+    )
+    session_queue_delay_ms: float = Field(
+        4.0, ge=0, le=1000, description="Under keyboard load, the longest a word-completing session update's model "
+        "step waits for other sessions' to share one onnxruntime call. It waits only while such updates arrive "
+        "more often than this (a running average of the gaps between them), so a lone typist never waits; 0: "
+        "session steps wait like any request (NEXTWORD_MAX_QUEUE_DELAY_MS)."
     )
     session_store_timeout_seconds: float = Field(
         2.0, gt=0, description="Connect/read timeout of Redis calls; past it the session call answers 503."

@@ -518,3 +518,27 @@ def test_work_on_a_version_unloaded_in_between_is_resubmitted_to_its_successor()
     with pytest.raises(BatcherClosedError):  # swapped on every attempt: a reload loop, not a swap
         asyncio.run(on_current_version(resolve, lambda v: closed_until(SWAP_ATTEMPTS + 1, v)))
     assert len(resolved) == SWAP_ATTEMPTS
+
+
+def test_an_item_may_wait_longer_or_shorter_than_the_batcher_default(tiny: LoadedVersion) -> None:
+    """Per-item delays (session steps under keyboard load): a waiting item is joined by one that
+    arrives within its delay; an item that may not wait starts the batch at once."""
+    batcher = make_batcher(tiny, max_queue_delay=0.0, workers=1)
+    try:
+        first = batcher.submit(WorkItem(np.array([1]), max_delay=2.0))
+        time.sleep(0.05)
+        second = batcher.submit(WorkItem(np.array([2]), max_delay=2.0))
+        start = time.monotonic()
+        urgent = batcher.submit(WorkItem(np.array([3])))  # the batcher's default: no wait
+        results = [f.result(timeout=5) for f in (first, second, urgent)]
+        assert time.monotonic() - start < 1.0  # the urgent item did not wait out the others' 2 s
+        assert [r.batch_size for r in results] == [3, 3, 3]
+    finally:
+        batcher.close()
+    patient = make_batcher(tiny, max_queue_delay=5.0, workers=1)
+    try:
+        start = time.monotonic()
+        assert patient.submit(WorkItem(np.array([1]), max_delay=0.0)).result(timeout=5).batch_size == 1
+        assert time.monotonic() - start < 1.0
+    finally:
+        patient.close()

@@ -311,3 +311,16 @@ def test_hand_checked_messages_are_exactly_those_the_model_accepts(message: dict
     except ValidationError as exc:
         raise AssertionError(f"hand check accepted {message}: {exc}") from None
     assert fields == (parsed.text, parsed.replace_pending, parsed.k, parsed.learn, parsed.filter, parsed.corrections)
+
+
+def test_session_steps_wait_for_companions_only_under_load(client: TestClient, model_repository: Path) -> None:
+    """A word-completing update's model step may wait NEXTWORD_SESSION_QUEUE_DELAY_MS for other
+    sessions' steps only while steps arrive more often than that; a lone typist's never waits."""
+    manager = client.app.state.sessions
+    wait = manager.settings.session_queue_delay_ms / 1000
+    manager._last_step, manager._step_gap = 0.0, 1.0  # idle for a long time
+    assert manager._step_delay() is None
+    delays = [manager._step_delay() for _ in range(100)]  # steps microseconds apart: heavy load
+    assert delays[0] is None and delays[-1] == wait > 0
+    with TestClient(create_app(settings_for(model_repository, session_queue_delay_ms=0))) as off:
+        assert all(off.app.state.sessions._step_delay() is None for _ in range(100))

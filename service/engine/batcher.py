@@ -11,7 +11,9 @@ stateful sessions/generation share one queue (and its worker threads) per model 
   scatters ``log_probs`` rows, ``target_*`` rows and ``next_state_*`` rows back per item
   (:class:`WorkResult`).
 
-Policy (Triton-style): the oldest waiting item waits at most ``max_queue_delay`` for companions;
+Policy (Triton-style): the oldest waiting item waits at most ``max_queue_delay`` for companions
+(an item may carry its own ``max_delay``: session steps under keyboard load, see
+``service/sessions/manager.py``; the batch starts at the earliest of the queued items' times);
 a batch holds at most ``max_batch_size`` rows and ``max_batch_tokens`` padded tokens (score batches
 ``max_score_tokens``: that graph's intermediates are tokens x vocabulary); items of the other graph
 wait for the next round. The queue is bounded (:class:`QueueFullError` when full) and
@@ -66,6 +68,8 @@ class WorkItem:
     ``want_state``: return ``next_state_*`` rows (sessions keep them). ``want_log_probs``: predict
     only; a pure state-advance step may skip copying the vocabulary-wide row. ``label``: the
     ``graph`` label used in metrics (``"step"`` for session steps); defaults to ``graph``.
+    ``max_delay``: the longest this item waits for companions (seconds); ``None``: the batcher's
+    ``max_queue_delay``.
     """
 
     tokens: np.ndarray
@@ -75,6 +79,7 @@ class WorkItem:
     want_state: bool = False
     want_log_probs: bool = True
     label: str | None = None
+    max_delay: float | None = None
     # Filled in by the batcher.
     future: concurrent.futures.Future[WorkResult] = field(default_factory=concurrent.futures.Future, repr=False)
     enqueued_at: float = 0.0
@@ -276,10 +281,10 @@ class Batcher:
                 if not self._queue:
                     return  # closed and drained
                 if not self._closed:
-                    # Give the oldest item's companions until its flush time to arrive.
-                    flush_at = self._queue[0].enqueued_at + self.max_queue_delay
-                    while len(self._queue) < self.max_batch_size and not self._closed:
-                        remaining = flush_at - time.monotonic()
+                    # Give the queued items' companions until the earliest of their flush times
+                    # (recomputed on every wake: an item that may not wait can arrive meanwhile).
+                    while self._queue and len(self._queue) < self.max_batch_size and not self._closed:
+                        remaining = self._flush_at() - time.monotonic()
                         if remaining <= 0:
                             break
                         wake.wait(remaining)
@@ -304,6 +309,12 @@ class Batcher:
                 finally:
                     with self._cond:
                         self._busy[index] = False
+
+    def _flush_at(self) -> float:
+        """When the queue's batch must start: the earliest item's arrival plus its delay (called
+        with the lock held)."""
+        default = self.max_queue_delay
+        return min(it.enqueued_at + (default if it.max_delay is None else it.max_delay) for it in self._queue)
 
     def _take(self) -> tuple[list[WorkItem], list[tuple[WorkItem, Exception]]]:
         """Pop the next batch (called with the lock held): live items of the head's graph, in

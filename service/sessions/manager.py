@@ -72,6 +72,10 @@ from service.sessions.store import SessionRecord, SessionStore, check_session_id
 
 log = logging.getLogger("service.sessions")
 
+# Weight of the newest gap in the running average of the gaps between model steps: about the last
+# ten steps count, so the wait switches on within a fraction of a second of load arriving.
+STEP_GAP_SMOOTHING = 0.1
+
 
 @dataclass
 class SessionResult:
@@ -102,6 +106,7 @@ class SessionManager:
         self.settings = settings
         self._store = store
         self.rows = RowCache(settings.session_row_cache_bytes)
+        self._last_step, self._step_gap = 0.0, 1.0  # when the last model step was asked for; the gaps' average
         self._sweeper: asyncio.Task | None = None
         self._stopping = asyncio.Event()  # replaced in start(): an Event belongs to one event loop
 
@@ -258,6 +263,19 @@ class SessionManager:
             return repository.resolve(record.model), True
         return lv, not _fits(lv, record)
 
+    def _step_delay(self) -> float | None:
+        """How long this model step may wait for other sessions' steps to share its onnxruntime
+        call: ``NEXTWORD_SESSION_QUEUE_DELAY_MS`` while steps arrive more often than that (a
+        running average of the gaps), else ``None`` (the batcher's own delay). One call costs
+        about the same for one row as for a few (the decoder's weights are read once), so under
+        keyboard load a commit that waits a few ms saves CPU for everyone; a lone typist's
+        commit, which no companion would join, never waits."""
+        now = time.monotonic()
+        gap, self._last_step = min(now - self._last_step, 1.0), now
+        self._step_gap += STEP_GAP_SMOOTHING * (gap - self._step_gap)
+        wait = self.settings.session_queue_delay_ms / 1000
+        return wait if wait > 0 and self._step_gap < wait else None
+
     def adjust_row(self, lv: LoadedVersion, record: SessionRecord, log_probs: np.ndarray, tail: list[str],
                    learn: bool, learned_ids: np.ndarray) -> AdaptedRow:
         """The session's final next-word distribution from the model's row, before prefix
@@ -316,11 +334,12 @@ class SessionManager:
             n = len(words)
             ids = np.asarray(lv.vocab.encode(words + tail), dtype=np.int64)
             head = np.asarray([last_id], dtype=np.int64)
-            read = WorkItem(np.concatenate([head, ids]), state=state, label=STEP)
+            delay = self._step_delay()
+            read = WorkItem(np.concatenate([head, ids]), state=state, label=STEP, max_delay=delay)
             items = [read]
             if n:
                 advance = WorkItem(np.concatenate([head, ids[: n - 1]]), state=state, want_state=True,
-                                   want_log_probs=False, label=STEP)
+                                   want_log_probs=False, label=STEP, max_delay=delay)
                 items = [advance, read]
             return _Submitted(lv, rebuilt, len(base), ids, n, await lv.batcher.run_many(items), restarted)
 
