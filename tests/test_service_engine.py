@@ -238,6 +238,10 @@ def test_two_workers_share_the_queue_and_the_cores(tiny: LoadedVersion) -> None:
         overlapped.set()  # the lone runs below are not held
         workers.clear()
         for _ in range(5):
+            # Lone: worker 0 hands out results before it marks itself idle, so wait for that too.
+            deadline = time.monotonic() + 10
+            while any(batcher._busy) and time.monotonic() < deadline:
+                time.sleep(0.001)
             lone = batcher.submit(WorkItem(items[0])).result(timeout=10)
     finally:
         batcher.close()
