@@ -20,7 +20,11 @@ on Brown-LM valid with the default model, the n-gram cache over 2,000 words (8 K
 20% of perplexity, as much as a pointer cache over whole documents (21%, with 400 floats per
 position), while a pointer cache that fits a 64 KB session record (~70 positions at float16) gives
 13%. It needs nothing from the graphs but word ids, so it works on any exported model, and it is a
-pure function of the words, which keeps sessions exactly equal to stateless prediction.
+pure function of the words, which keeps sessions exactly equal to stateless prediction. Nor does a
+pointer cache add much beside it: with brown-lstm/3 on Brown-LM valid (top-layer states of the
+predict graph stepped one token at a time; the pointer's sharpness and weight fitted on valid), over
+the 128 last positions (what int8 vectors fit in a record) it takes perplexity from 103.82 to 102.49
+and keystroke savings from 50.67% to 50.70%; over 2,000 positions, 101.31 and 50.77%.
 
 Everything here is a pure function of ``(model row, context words)``: the session path, stateless
 prediction and the evaluation (``training/cache_eval.py``) call the same functions, and a cache of
