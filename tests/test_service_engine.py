@@ -546,3 +546,16 @@ def test_an_item_may_wait_longer_or_shorter_than_the_batcher_default(tiny: Loade
         assert time.monotonic() - start < 1.0
     finally:
         patient.close()
+
+
+def test_pace_says_wait_only_while_other_sources_come_often() -> None:
+    """Session steps wait for companions only under load from other sessions: a lone client's
+    steps, however fast, never do; a wait of 0 never does."""
+    from service.engine.batcher import Pace
+
+    pace = Pace()
+    assert pace.delay("a", 0.004) is None  # idle for long
+    assert all(pace.delay("a", 0.004) is None for _ in range(100))  # one source alone, µs apart
+    delays = [pace.delay(f"s{i % 7}", 0.004) for i in range(100)]  # seven sources, µs apart: heavy load
+    assert delays[0] is None and delays[-1] == 0.004
+    assert pace.delay("s1", 0.0) is None

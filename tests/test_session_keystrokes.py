@@ -312,17 +312,3 @@ def test_hand_checked_messages_are_exactly_those_the_model_accepts(message: dict
         raise AssertionError(f"hand check accepted {message}: {exc}") from None
     assert fields == (parsed.text, parsed.replace_pending, parsed.k, parsed.learn, parsed.filter, parsed.corrections)
 
-
-def test_session_steps_wait_for_companions_only_under_load(client: TestClient, model_repository: Path) -> None:
-    """A word-completing update's model step may wait NEXTWORD_SESSION_QUEUE_DELAY_MS for other
-    sessions' steps only while other sessions' steps arrive more often than that; a lone typist's
-    never waits, however fast it types."""
-    manager = client.app.state.sessions
-    wait = manager.settings.session_queue_delay_ms / 1000
-    manager._last_step, manager._last_step_session, manager._step_gap = 0.0, "", 1.0  # idle for long
-    assert manager._step_delay("a") is None
-    assert all(manager._step_delay("a") is None for _ in range(100))  # one client alone, steps µs apart
-    delays = [manager._step_delay(f"s{i % 7}") for i in range(100)]  # seven sessions, µs apart: heavy load
-    assert delays[0] is None and delays[-1] == wait > 0
-    with TestClient(create_app(settings_for(model_repository, session_queue_delay_ms=0))) as off:
-        assert all(off.app.state.sessions._step_delay(f"s{i % 7}") is None for i in range(100))

@@ -40,7 +40,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,6 +108,29 @@ class WorkResult:
     batch_size: int = 1  # rows in the onnxruntime call that computed it
 
 
+class Pace:
+    """How often items from different sources reach a queue: a running average of the gaps
+    between consecutive items of different sources (a session's steps, say). It tells whether an
+    item that may wait a little for companions would find any: while other sources' items come
+    more often than the wait, one likely arrives within it; a single source never counts as
+    company (its next item cannot come before this one is answered). Event-loop side only."""
+
+    SMOOTHING = 0.1  # weight of the newest gap: about the last ten items count
+
+    def __init__(self) -> None:
+        self.gap = 1.0  # seconds, capped at 1: idle
+        self._last = 0.0
+        self._source: Hashable = None
+
+    def delay(self, source: Hashable, wait: float) -> float | None:
+        """``wait`` if an item from ``source`` arriving now should wait for companions, else None."""
+        now = time.monotonic()
+        if source != self._source:
+            self.gap += self.SMOOTHING * (min(now - self._last, 1.0) - self.gap)
+        self._last, self._source = now, source
+        return wait if wait > 0 and self.gap < wait else None
+
+
 class Batcher:
     """The queue and worker threads of one model version."""
 
@@ -141,6 +164,7 @@ class Batcher:
         if workers < 1:
             raise ValueError("a batcher needs at least one worker")
         self.workers = workers
+        self.pace = Pace()  # for callers that let their items wait for companions under load
         card = runtime.card
         self.state_names: list[str] = list(card.state_names)
         self.state_shape = (card.num_layers, card.hidden_size)

@@ -72,9 +72,6 @@ from service.sessions.store import SessionRecord, SessionStore, check_session_id
 
 log = logging.getLogger("service.sessions")
 
-# Weight of the newest gap in the running average of the gaps between model steps: about the last
-# ten steps count, so the wait switches on within a fraction of a second of load arriving.
-STEP_GAP_SMOOTHING = 0.1
 
 
 @dataclass
@@ -106,8 +103,6 @@ class SessionManager:
         self.settings = settings
         self._store = store
         self.rows = RowCache(settings.session_row_cache_bytes)
-        # when the last model step was asked for, by which session; the average gap between sessions' steps
-        self._last_step, self._last_step_session, self._step_gap = 0.0, "", 1.0
         self._sweeper: asyncio.Task | None = None
         self._stopping = asyncio.Event()  # replaced in start(): an Event belongs to one event loop
 
@@ -264,21 +259,6 @@ class SessionManager:
             return repository.resolve(record.model), True
         return lv, not _fits(lv, record)
 
-    def _step_delay(self, session_id: str) -> float | None:
-        """How long this model step may wait for other sessions' steps to share its onnxruntime
-        call: ``NEXTWORD_SESSION_QUEUE_DELAY_MS`` while other sessions' steps arrive more often
-        than that (a running average of the gaps between steps of different sessions), else
-        ``None`` (the batcher's own delay). One call costs about the same for one row as for a
-        few (the decoder's weights are read once), so under keyboard load a commit that waits a
-        few ms saves CPU for everyone; a lone client's commits, however fast, never wait (its
-        next step cannot come before this one is answered)."""
-        now = time.monotonic()
-        if session_id != self._last_step_session:
-            self._step_gap += STEP_GAP_SMOOTHING * (min(now - self._last_step, 1.0) - self._step_gap)
-        self._last_step, self._last_step_session = now, session_id
-        wait = self.settings.session_queue_delay_ms / 1000
-        return wait if wait > 0 and self._step_gap < wait else None
-
     def adjust_row(self, lv: LoadedVersion, record: SessionRecord, log_probs: np.ndarray, tail: list[str],
                    learn: bool, learned_ids: np.ndarray) -> AdaptedRow:
         """The session's final next-word distribution from the model's row, before prefix
@@ -337,7 +317,10 @@ class SessionManager:
             n = len(words)
             ids = np.asarray(lv.vocab.encode(words + tail), dtype=np.int64)
             head = np.asarray([last_id], dtype=np.int64)
-            delay = self._step_delay(record.id)
+            # Under keyboard load a step waits a little for other sessions' steps: one onnxruntime
+            # call costs about the same for one row as for a few (the decoder's weights are read
+            # once); a lone client's steps, however fast, never wait (service/engine/batcher.py).
+            delay = lv.batcher.pace.delay(record.id, self.settings.session_queue_delay_ms / 1000)
             read = WorkItem(np.concatenate([head, ids]), state=state, label=STEP, max_delay=delay)
             items = [read]
             if n:
