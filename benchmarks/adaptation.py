@@ -23,12 +23,12 @@ import asyncio
 import json
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Context, Row, log
+from benchmarks.server import private_repository
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 K = 3
@@ -109,7 +109,8 @@ def run_adaptation(ctx: Context) -> list[Row]:
         return [Row("adaptation", name, None, display="not measured",
                     note=f"{TEXT} is absent (Debian's base-files ships it)")]
     card = ctx.card
-    pieces = chunks(TEXT.read_text(encoding="utf-8"), ctx.pick(3000, 200))
+    text = TEXT.read_text(encoding="utf-8")
+    pieces = chunks(text, ctx.pick(3000, 200))
     service = ctx.servers.service()
     results = {}
     for learn in (False, True):
@@ -117,14 +118,13 @@ def run_adaptation(ctx: Context) -> list[Row]:
         results[learn] = type_text(service.url, pieces, learn, card.name, card.version)
     on, off = results[True], results[False]
     gain = 100 * (on["ksr"] - off["ksr"])
-    words = [piece.strip() for piece, typed in chunks(TEXT.read_text(encoding="utf-8"), 6000) if typed]
+    words = [piece.strip() for piece, typed in chunks(text, 6000) if typed]
     return [commit_cost(ctx, words), Row(
         "adaptation", name, gain, "points",
         display=f"{100 * on['ksr']:.2f}% vs {100 * off['ksr']:.2f}% (+{gain:.2f} points) over {on['words']:,} words",
         note="the cache LM and new words (learn=true) against the same session incognito (learn=false)",
         details={"adapting": on, "incognito": off, "text": str(TEXT), "k": K},
     )]
-
 
 
 def commit_cost(ctx: Context, words: list[str]) -> Row:
@@ -136,47 +136,44 @@ def commit_cost(ctx: Context, words: list[str]) -> Row:
     from service.sessions.manager import SessionManager
 
     name = "a word-completing update's event-loop CPU, session with a full learned window vs a new session"
-    with tempfile.TemporaryDirectory() as tmp:
-        repository = Path(tmp)
-        (repository / ctx.card.name).mkdir()
-        (repository / ctx.card.name / str(ctx.card.version)).symlink_to(ctx.model_dir.resolve())
-        settings = Settings(model_repository=repository, device="cpu", reload_interval_seconds=0,
-                            intra_op_threads=ctx.threads, log_level="warning", session_sweep_interval_seconds=0)
-        window = settings.cache_window_words + 2
-        sessions = ctx.pick(8, 2)
-        commits = ctx.pick(50, 10)  # per session and arm
-        if len(words) < window + sessions * commits + 200:
-            return Row("adaptation", name, None, display="not measured", note=f"the text has {len(words)} words")
+    settings = Settings(model_repository=private_repository(ctx.model_dir, ctx.work_dir), device="cpu",
+                        reload_interval_seconds=0, intra_op_threads=ctx.threads, log_level="warning",
+                        session_sweep_interval_seconds=0)
+    window = settings.cache_window_words + 2
+    sessions = ctx.pick(8, 2)
+    commits = ctx.pick(50, 10)  # per session and arm
+    if len(words) < window + sessions * commits + 200:
+        return Row("adaptation", name, None, display="not measured", note=f"the text has {len(words)} words")
 
-        async def measure() -> dict[str, list[float]]:
-            engine = Engine(settings)
-            engine.start()
-            manager = SessionManager(engine, settings)
-            await manager.start()
-            try:
-                arms: dict[str, list[str]] = {"full": [], "new": []}
-                for j in range(sessions):
-                    for arm in arms:
-                        arms[arm].append((await manager.create(k=5)).record.id)
-                    start = (j * 97) % (len(words) - window - 200)
-                    for at in range(start, start + window + 200, 200):  # fill the window
-                        await manager.update(arms["full"][-1], " ".join(words[at:at + 200]) + " ")
-                spent: dict[str, list[float]] = {arm: [] for arm in arms}
-                for i in range(sessions * commits):
-                    word = words[-(i + 1)]
-                    for arm, ids in arms.items():
-                        sid = ids[i % sessions]
-                        await manager.update(sid, word)  # its letters: answered from the cached row
-                        t0 = time.thread_time()
-                        await manager.update(sid, " ")
-                        spent[arm].append(time.thread_time() - t0)
-                return spent
-            finally:
-                await manager.close()
-                engine.stop()
+    async def measure() -> dict[str, list[float]]:
+        engine = Engine(settings)
+        engine.start()
+        manager = SessionManager(engine, settings)
+        await manager.start()
+        try:
+            arms: dict[str, list[str]] = {"full": [], "new": []}
+            for j in range(sessions):
+                for arm in arms:
+                    arms[arm].append((await manager.create(k=5)).record.id)
+                start = (j * 97) % (len(words) - window - 200)
+                for at in range(start, start + window + 200, 200):  # fill the window
+                    await manager.update(arms["full"][-1], " ".join(words[at:at + 200]) + " ")
+            spent: dict[str, list[float]] = {arm: [] for arm in arms}
+            for i in range(sessions * commits):
+                word = words[-(i + 1)]
+                for arm, ids in arms.items():
+                    sid = ids[i % sessions]
+                    await manager.update(sid, word)  # its letters: answered from the cached row
+                    t0 = time.thread_time()
+                    await manager.update(sid, " ")
+                    spent[arm].append(time.thread_time() - t0)
+            return spent
+        finally:
+            await manager.close()
+            engine.stop()
 
-        log(f"adaptation: commit cost, {sessions} sessions with {window} learned words vs {sessions} new ones")
-        spent = asyncio.run(measure())
+    log(f"adaptation: commit cost, {sessions} sessions with {window} learned words vs {sessions} new ones")
+    spent = asyncio.run(measure())
     full, new = (statistics.fmean(spent[arm]) * 1e3 for arm in ("full", "new"))
     ratio = full / new
     return Row(

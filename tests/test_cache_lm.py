@@ -309,7 +309,6 @@ def test_a_full_session_record_stays_under_64_kb() -> None:
     assert len(meta) + len(state) <= 64 * 1024, len(meta) + len(state)
 
 
-
 def test_a_commit_encodes_only_its_own_words_and_stays_exact(cached_repository: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A session update stays O(new words): a commit reuses the ids of the words learned so far
@@ -340,6 +339,8 @@ def test_a_commit_encodes_only_its_own_words_and_stays_exact(cached_repository: 
                 assert_same(r.json(), predict(c, text), text)
         # the window (20) + the trigram's two context words: it slid, the cached ids with it
         assert len(c.app.state.sessions.store._sessions[sid].learned) == 22
+
+
 # --------------------------------------------------------------------------- training CLI
 
 

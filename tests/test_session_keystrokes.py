@@ -311,4 +311,3 @@ def test_hand_checked_messages_are_exactly_those_the_model_accepts(message: dict
     except ValidationError as exc:
         raise AssertionError(f"hand check accepted {message}: {exc}") from None
     assert fields == (parsed.text, parsed.replace_pending, parsed.k, parsed.learn, parsed.filter, parsed.corrections)
-

@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,17 @@ import numpy as np
 from service.engine.vocab_index import VocabIndex
 
 KIND = "ngram-cache/1"
+
+
+@lru_cache(maxsize=16)
+def _decay_powers(decay: float, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """``decay ** a`` for ``a`` = 0 .. window − 1 and their running sums, computed once per
+    ``(decay, window)``: the copy of the parameters that a smaller ``NEXTWORD_CACHE_WINDOW_WORDS``
+    bounds (:meth:`CacheParams.limited`, made on each commit) shares them instead of recomputing them."""
+    powers = np.power(decay, np.arange(window, dtype=np.float64))
+    sums = np.cumsum(powers)
+    powers.flags.writeable = sums.flags.writeable = False
+    return powers, sums
 
 
 @dataclass(frozen=True)
@@ -68,19 +79,15 @@ class CacheParams:
         if len(self.weights) != 3 or min(self.weights) < 0 or sum(self.weights) >= 1:
             raise ValueError("cache: three weights >= 0 summing to less than 1 are required")
 
-    @cached_property
+    @property
     def powers(self) -> np.ndarray:
         """``decay ** a`` for ``a`` = 0 .. window − 1: the weight of the word ``a`` places before the last."""
-        powers = np.power(self.decay, np.arange(self.window, dtype=np.float64))
-        powers.flags.writeable = False
-        return powers
+        return _decay_powers(self.decay, self.window)[0]
 
-    @cached_property
+    @property
     def power_sums(self) -> np.ndarray:
         """``power_sums[a]`` = the sum of ``powers[: a + 1]``: the total weight of the last ``a + 1`` words."""
-        sums = np.cumsum(self.powers)
-        sums.flags.writeable = False
-        return sums
+        return _decay_powers(self.decay, self.window)[1]
 
     @property
     def history(self) -> int:

@@ -73,7 +73,6 @@ from service.sessions.store import SessionRecord, SessionStore, check_session_id
 log = logging.getLogger("service.sessions")
 
 
-
 @dataclass
 class SessionResult:
     """A session after a create/update, with the predictions for its text."""
@@ -274,11 +273,17 @@ class SessionManager:
         return adapt_row(lv, self.settings, log_probs, record.learned + tail, ids, learn)
 
     @staticmethod
-    def stamp(record: SessionRecord, tail: list[str], learn: bool) -> tuple[Hashable, Hashable]:
+    def history(record: SessionRecord) -> Hashable:
+        """What identifies the session's committed text besides its state arrays (and so the
+        words it has learned)."""
+        return record.last_id, record.committed, record.context
+
+    @classmethod
+    def stamp(cls, record: SessionRecord, tail: list[str], learn: bool) -> tuple[Hashable, Hashable]:
         """Everything besides the model version and the state arrays that the final row depends
         on, as ``(history, view)``: the committed text, and the pending chunk's words and whether
         this update adapts. A cached row is reused only while both are unchanged."""
-        return (record.last_id, record.committed, record.context), (tuple(tail), learn)
+        return cls.history(record), (tuple(tail), learn)
 
     async def _advance(self, record: SessionRecord, raw: str, k: int, learn: bool = True,
                        options: SuggestOptions | None = None) -> SessionResult:
@@ -335,8 +340,7 @@ class SessionManager:
         assert outputs[-1].log_probs is not None
         # The ids of the words learned so far, as cached with the last row of this very history
         # (before this update changes it): a commit then encodes only its own words.
-        learned_ids = None if rebuilt else self.rows.learned_ids(record.id, lv, self.stamp(record, [], learn)[0],
-                                                                 record.state)
+        learned_ids = None if rebuilt else self.rows.learned_ids(record.id, lv, self.history(record), record.state)
         if learned_ids is not None and learned_ids.size != len(record.learned):
             learned_ids = None
         if n:
