@@ -100,9 +100,8 @@ class RowCache:
     def get(self, session_id: str, model: object, stamp: tuple[Hashable, Hashable],
             state: dict[str, np.ndarray] | None) -> AdaptedRow | None:
         """The row cached for this session if it was computed from exactly these inputs."""
-        entry = self._entries.get(session_id)
-        if (entry is not None and entry.model() is model and entry.stamp == stamp
-                and _same_state(entry.state, state)):
+        entry = self._computed_from(session_id, model, stamp[0], state)
+        if entry is not None and entry.stamp[1] == stamp[1]:
             self._entries.move_to_end(session_id)
             _HIT.inc()
             return entry.row
@@ -113,10 +112,16 @@ class RowCache:
                     state: dict[str, np.ndarray] | None) -> np.ndarray | None:
         """The ids of the session's learned words as cached with its row, if that row's history
         (and state) is this one: whatever the pending fragment was then. Not counted as a lookup."""
+        entry = self._computed_from(session_id, model, history, state)
+        return entry.learned_ids if entry is not None else None
+
+    def _computed_from(self, session_id: str, model: object, history: Hashable,
+                       state: dict[str, np.ndarray] | None) -> _Entry | None:
+        """The session's entry if it was computed on ``model`` from this history and state."""
         entry = self._entries.get(session_id)
-        if (entry is not None and entry.learned_ids is not None and entry.model() is model
-                and entry.stamp[0] == history and _same_state(entry.state, state)):
-            return entry.learned_ids
+        if (entry is not None and entry.model() is model and entry.stamp[0] == history
+                and _same_state(entry.state, state)):
+            return entry
         return None
 
     def put(self, session_id: str, model: object, stamp: tuple[Hashable, Hashable],
