@@ -36,7 +36,6 @@ WINDOW = 32  # preceding words read for each sampled position
 KINDS = ("substitute", "transpose", "delete", "insert")
 CORPUS = "../shared/data/brown"
 TARGET_CPU_MS = 2.0
-NEW_WORD_MIN_COUNT = 2  # the service's default (NEXTWORD_NEW_WORD_MIN_COUNT)
 
 
 def make_typo(word: str, kind: str, rng: np.random.Generator) -> str | None:
@@ -125,8 +124,9 @@ def _rows(ctx: Context, vocab: Any, contexts: list[list[str]]) -> np.ndarray:
 
 def run_suggest(ctx: Context) -> list[Row]:
     from nextword.vocab import Vocab
+    from service.config import Settings
     from service.engine.blocklist import DEFAULT_BLOCKLIST, blocked_ids, read_blocklist
-    from service.engine.cache_lm import CacheParams, adapt
+    from service.engine.cache_lm import CacheParams, adapt, first_use_rule
     from service.engine.correct import Corrector
     from service.engine.suggest import SuggestOptions, Writing, select
     from service.engine.vocab_index import VocabIndex
@@ -155,7 +155,10 @@ def run_suggest(ctx: Context) -> list[Row]:
                 break
     rows = _rows(ctx, vocab, [samples[n][0] for n, *_ in cases])
     params = CacheParams.from_card(card.cache)
-    adapted = [adapt(row, samples[n][0], vocab.encode(samples[n][0]), params, vocab.unk_id, NEW_WORD_MIN_COUNT)
+    served = Settings()  # new words as the service's defaults offer them
+    first_use = first_use_rule(vocab) if served.new_word_first_use else None
+    adapted = [adapt(row, samples[n][0], vocab.encode(samples[n][0]), params, vocab.unk_id, served.new_word_min_count,
+                     first_use)
                for (n, *_), row in zip(cases, rows, strict=True)]
 
     on, off = SuggestOptions(), SuggestOptions(corrections=False)

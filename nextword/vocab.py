@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,7 @@ class Vocab:
             raise ValueError("vocabulary has duplicate words")
         self.unk_id = self.stoi[UNK]
         self.eos_id = self.stoi[EOS]
+        self._near: dict[str, bool] = {}  # near_word's answers (a text's new words recur)
 
     @classmethod
     def build(cls, counts: Counter[str], min_count: int = 1, max_size: int | None = None) -> Vocab:
@@ -50,3 +52,28 @@ class Vocab:
 
     def is_special(self, word: str) -> bool:
         return word in SPECIAL_TOKENS
+
+    def near_word(self, word: str) -> bool:
+        """Whether one typing error (a letter left out, added or changed, or two adjacent letters
+        swapped: Damerau distance 1, the error behind most typos) turns the vocabulary word into
+        ``word``, which may then be a slip on it. Answers are remembered (a bounded dict)."""
+        known = self._near.get(word)
+        if known is None:
+            known = any(w in self.stoi for w in _one_edit(word))
+            if len(self._near) >= _NEAR_MEMO:
+                self._near.clear()
+            self._near[word] = known
+        return known
+
+
+_NEAR_MEMO = 1 << 16
+_LETTERS = string.ascii_lowercase
+
+
+def _one_edit(word: str) -> Iterable[str]:
+    """Every string one edit from ``word`` (deletions and swaps first: the cheapest to try)."""
+    splits = [(word[:i], word[i:]) for i in range(len(word) + 1)]
+    yield from (a + b[1:] for a, b in splits if b)
+    yield from (a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1)
+    yield from (a + c + b[1:] for a, b in splits if b for c in _LETTERS if c != b[0])
+    yield from (a + c + b for a, b in splits for c in _LETTERS)

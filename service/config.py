@@ -105,6 +105,11 @@ class Settings(BaseSettings):
         2, ge=0, description="Times a word outside the vocabulary must appear among those recent words before it "
         "is offered as a suggestion (0 = never offer new words)."
     )
+    new_word_first_use: bool = Field(
+        True, description="Offer a new word after its first use when it is letters only and no single typing "
+        "error (a letter left out, added, changed, or two swapped) turns a vocabulary word into it: it is then "
+        "no slip on a known word. Words that could be slips still wait for NEW_WORD_MIN_COUNT uses."
+    )
     suggestion_rotation: bool = Field(
         SUGGESTION_ROTATION_DEFAULT, description="Default of a session's `rotate` option: words offered for the "
         "word being typed and passed over are left out of its next keystrokes' suggestions."

@@ -34,7 +34,7 @@ from nextword import artifact as A
 from nextword.vocab import Vocab
 from service.config import Settings
 from service.engine.blocklist import blocked_ids, blocklist_path, read_blocklist
-from service.engine.cache_lm import AdaptedRow, CacheParams, adapt, cache_distribution
+from service.engine.cache_lm import AdaptedRow, CacheParams, adapt, cache_distribution, first_use_rule
 from service.engine.correct import Corrector
 from service.engine.suggest import select
 from service.engine.vocab_index import VocabIndex
@@ -175,10 +175,12 @@ class KsrVariant:
 def model_ksr(model_dir: str | Path, documents: Sequence[Sequence[str]], variants: Sequence[KsrVariant],
               k: int = 3, new_word_count: int = 2, limit: int | None = None, lanes: int = 64,
               threads: int | None = None, progress: bool = True, head: int = 0,
-              suggester: Suggester | None = None) -> None:
+              suggester: Suggester | None = None, new_word_first_use: bool = True) -> None:
     """Fill each variant's keystroke count on the split (its first ``limit`` typed words), and
-    its ``head`` count on the first ``head`` typed words."""
+    its ``head`` count on the first ``head`` typed words. New words as the service offers them
+    (``NEXTWORD_NEW_WORD_MIN_COUNT`` and ``NEXTWORD_NEW_WORD_FIRST_USE``)."""
     card, vocab = load_artifact(model_dir)
+    first_use = first_use_rule(vocab) if new_word_first_use else None
     suggester = suggester or Suggester.for_vocab(vocab)
     words = [w for doc in documents for w in doc]
     ids = np.asarray(vocab.encode(words), dtype=np.int64)
@@ -192,7 +194,8 @@ def model_ksr(model_dir: str | Path, documents: Sequence[Sequence[str]], variant
         adapted: dict[CacheParams | None, AdaptedRow] = {}
         for v in variants:
             if v.params not in adapted:
-                adapted[v.params] = adapt(row, words[lo:j], ids[lo:j], v.params, vocab.unk_id, new_word_count)
+                adapted[v.params] = adapt(row, words[lo:j], ids[lo:j], v.params, vocab.unk_id, new_word_count,
+                                          first_use)
             strokes = keystrokes(suggester, adapted[v.params], words[j], k, v.rotate)
             v.count.add(words[j], strokes)
             if i in first:
@@ -262,6 +265,7 @@ def evaluate_adapted(model_dir: str | Path, corpus: str | Path, corpus_format: s
                 served = params.limited(settings.cache_window_words)
                 variants += [KsrVariant("model+cache", served), KsrVariant("model+cache+rotation", served, True)]
             model_ksr(model_dir, docs, variants, k=ksr_k, new_word_count=settings.new_word_min_count,
+                      new_word_first_use=settings.new_word_first_use,
                       limit=ksr_words, threads=threads, head=ksr_head, suggester=suggester)
             counts = {v.name: v.count.result() for v in variants}
             head = {v.name: v.head.result() for v in variants if v.head.words}

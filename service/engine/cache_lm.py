@@ -33,7 +33,14 @@ new words), not the model's raw row.
 
 **New words.** Words outside the vocabulary (``<unk>`` to the model) that were typed at least
 ``min_count`` times in the window (in any case) are offered: the mixed probability of ``<unk>`` is
-shared among them in proportion to their decayed counts. The context words given here may carry
+shared among them in proportion to their decayed counts. A word may be offered after its first use
+instead (``first_use``, the service's ``NEXTWORD_NEW_WORD_FIRST_USE``) when it is letters only and
+no single typing error separates it from a vocabulary word (:meth:`Vocab.near_word`): then it is
+no slip on a known word, and waiting for its second use only costs the writer keystrokes. Measured
+on Brown-LM valid with the default model (98,035 typed words, cache on, top 3): keystroke savings
+50.67% after two uses, 51.05% with this rule, 51.14% after one use whatever the word; the rule
+keeps four fifths of the gain while every one-error typo of a known word ("teh", "quikc") still
+waits for its second use. The context words given here may carry
 their written case (the model reads the ids of their lowercase): a new word is then the lowercase
 word, as the vocabulary's are, and keeps the form it was last written in ("Ierulli") for display.
 """
@@ -41,13 +48,14 @@ word, as the vocabulary's are, and keeps the form it was last written in ("Ierul
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
 
+from nextword.vocab import Vocab
 from service.engine.vocab_index import VocabIndex
 
 KIND = "ngram-cache/1"
@@ -211,11 +219,12 @@ class AdaptedRow:
 
 def new_words(
     words: Sequence[str], ids: Sequence[int] | np.ndarray, unk_id: int, unk_log_prob: float, window: int,
-    decay: float, min_count: int,
+    decay: float, min_count: int, first_use: Callable[[str], bool] | None = None,
 ) -> tuple[tuple[str, ...], np.ndarray, tuple[str, ...]]:
     """Out-of-vocabulary words of the last ``window`` context words typed at least ``min_count``
-    times there (in lowercase, whatever their case), sharing the (mixed) ``<unk>`` probability by
-    decayed count, most recent first on ties; and each as last written."""
+    times there (in lowercase, whatever their case), or once when ``first_use`` says so of the
+    word, sharing the (mixed) ``<unk>`` probability by decayed count, most recent first on ties;
+    and each as last written."""
     words = list(words)[-window:]
     ids = np.asarray(ids, dtype=np.int64)[-window:]
     oov = np.flatnonzero(ids == unk_id)
@@ -233,7 +242,8 @@ def new_words(
         weight[w] = weight.get(w, 0.0) + decay ** (n - m - 1)
         written[w] = words[m]
     total = sum(weight.values())
-    chosen = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-weight[w], w))
+    chosen = sorted((w for w, c in counts.items() if c >= min_count or (first_use is not None and first_use(w))),
+                    key=lambda w: (-weight[w], w))
     if not chosen or total <= 0:
         return (), np.empty(0, np.float64), ()
     lps = np.asarray([unk_log_prob + math.log(weight[w] / total) for w in chosen], dtype=np.float64)
@@ -242,11 +252,12 @@ def new_words(
 
 def adapt(
     log_probs: np.ndarray, words: Sequence[str], ids: Sequence[int] | np.ndarray, params: CacheParams | None,
-    unk_id: int, min_count: int,
+    unk_id: int, min_count: int, first_use: Callable[[str], bool] | None = None,
 ) -> AdaptedRow:
     """The distribution a writer's context gives: ``log_probs`` (the model's row after ``words``,
-    whose ids are ``ids``) mixed with the cache over those words, plus the new words. With no
-    parameters (a model without a fitted cache, or adaptation off) the row is unchanged."""
+    whose ids are ``ids``) mixed with the cache over those words, plus the new words (see
+    :func:`new_words`). With no parameters (a model without a fitted cache, or adaptation off) the
+    row is unchanged."""
     if params is None:
         return AdaptedRow(np.asarray(log_probs))
     ids = np.asarray(ids, dtype=np.int64)[-params.history :]
@@ -254,8 +265,14 @@ def adapt(
     if min_count <= 0:
         return AdaptedRow(row)
     found, lps, written = new_words(words[-params.history :], ids, unk_id, float(row[unk_id]), params.window,
-                                    params.decay, min_count)
+                                    params.decay, min_count, first_use)
     return AdaptedRow(row, found, lps, written if written != found else ())
+
+
+def first_use_rule(vocab: Vocab) -> Callable[[str], bool]:
+    """Which new words are offered after their first use: letters only, and no slip on a word of
+    ``vocab`` (one typing error away from none of them)."""
+    return lambda word: word.isalpha() and not vocab.near_word(word)
 
 
 @dataclass(frozen=True)

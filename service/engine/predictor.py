@@ -29,7 +29,7 @@ import numpy as np
 from nextword.text import SplitText, split_text, tokenize
 from service.config import Settings
 from service.engine.batcher import PREDICT, SCORE, WorkItem
-from service.engine.cache_lm import AdaptedRow, adapt
+from service.engine.cache_lm import AdaptedRow, adapt, first_use_rule
 from service.engine.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -108,7 +108,7 @@ def adapt_row(
     if params is None:
         return AdaptedRow(log_probs)
     return adapt(log_probs, words, ids, params.limited(settings.cache_window_words), version.vocab.unk_id,
-                 settings.new_word_min_count)
+                 settings.new_word_min_count, first_use_rule(version.vocab) if settings.new_word_first_use else None)
 
 
 class Predictor:

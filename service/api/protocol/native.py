@@ -72,7 +72,9 @@ class ErrorResponse(BaseModel):
 
 LEARN_DESCRIPTION = (
     "Adapt to the writer: the text's own recent words weigh more (the model's fitted cache language model) and "
-    "words outside the vocabulary typed at least NEXTWORD_NEW_WORD_MIN_COUNT times are offered, spelled as typed. "
+    "words outside the vocabulary typed at least NEXTWORD_NEW_WORD_MIN_COUNT times (once, with "
+    "NEXTWORD_NEW_WORD_FIRST_USE, when no single typing error turns a known word into them) are offered, spelled "
+    "as typed. "
     "false: predictions as for a stranger, and nothing is learned (incognito)."
 )
 
