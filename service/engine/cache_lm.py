@@ -37,10 +37,10 @@ shared among them in proportion to their decayed counts. A word may be offered a
 instead (``first_use``, the service's ``NEXTWORD_NEW_WORD_FIRST_USE``) when it is letters only and
 no single typing error separates it from a vocabulary word (:meth:`Vocab.near_word`): then it is
 no slip on a known word, and waiting for its second use only costs the writer keystrokes. Measured
-on Brown-LM valid with the default model (98,035 typed words, cache on, top 3): keystroke savings
-50.67% after two uses, 51.05% with this rule, 51.14% after one use whatever the word; the rule
-keeps four fifths of the gain while every one-error typo of a known word ("teh", "quikc") still
-waits for its second use. The context words given here may carry
+on Brown-LM valid with the default model (98,035 typed words, cache on, top 3, the service's
+selection): keystroke savings 50.67% after two uses, 51.09% with this rule, 51.14% after one use
+whatever the word. The rule keeps nearly all of the gain, while every one-error typo of a known
+word ("teh", "quikc") still waits for its second use. The context words given here may carry
 their written case (the model reads the ids of their lowercase): a new word is then the lowercase
 word, as the vocabulary's are, and keeps the form it was last written in ("Ierulli") for display.
 """
