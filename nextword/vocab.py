@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import string
 from collections import Counter
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
+
+import numpy as np
 
 from nextword.text import EOS, SPECIAL_TOKENS, UNK
 
@@ -55,25 +57,44 @@ class Vocab:
 
     def near_word(self, word: str) -> bool:
         """Whether one typing error (a letter left out, added or changed, or two adjacent letters
-        swapped: Damerau distance 1, the error behind most typos) turns the vocabulary word into
-        ``word``, which may then be a slip on it. Answers are remembered (a bounded dict)."""
+        swapped: Damerau distance 1, the error behind most typos) turns a vocabulary word into
+        ``word`` (a word outside the vocabulary), which may then be a slip on it.
+
+        A few dozen hash lookups, whatever the word: a vocabulary word with a letter left out or
+        changed is found among the hashes of its patterns (:attr:`_edit_hashes`), one with a letter
+        added or two swapped by looking up ``word``'s deletions and swaps. Answers are also
+        remembered (a bounded dict), as a text's new words recur on every commit."""
         known = self._near.get(word)
         if known is None:
-            known = any(w in self.stoi for w in _one_edit(word))
+            n = len(word)
+            probes = [hash(word)] + [hash(word[:i] + _ANY + word[i + 1 :]) for i in range(n)]
+            table = self._edit_hashes
+            at = np.minimum(np.searchsorted(table, probes), max(table.size - 1, 0))
+            known = (table.size > 0 and bool(np.any(table[at] == probes))) or any(
+                word[:i] + word[i + 1 :] in self.stoi for i in range(n)
+            ) or any(word[:i] + word[i + 1] + word[i] + word[i + 2 :] in self.stoi for i in range(n - 1))
             if len(self._near) >= _NEAR_MEMO:
                 self._near.clear()
             self._near[word] = known
         return known
 
+    def prepare_near_word(self) -> None:
+        """Build :meth:`near_word`'s index now (a service loading a model) rather than on a
+        writer's first new word."""
+        _ = self._edit_hashes
+
+    @cached_property
+    def _edit_hashes(self) -> np.ndarray:
+        """Sorted hashes of every vocabulary word with one letter removed ("the" → "he", "te",
+        "th": a word equal to one is that vocabulary word with a letter left out) and with one
+        letter replaced by a wildcard ("?he", "t?e", "th?": a word with the same pattern at some
+        position is that vocabulary word with a letter changed). ~244,000 hashes (2 MB) for the
+        default model, built on first use in ~0.15 s."""
+        words = self.itos[len(SPECIAL_TOKENS) :]
+        found = {hash(w[:i] + w[i + 1 :]) for w in words for i in range(len(w))}
+        found.update(hash(w[:i] + _ANY + w[i + 1 :]) for w in words for i in range(len(w)))
+        return np.sort(np.fromiter(found, np.int64, len(found)))
+
 
 _NEAR_MEMO = 1 << 16
-_LETTERS = string.ascii_lowercase
-
-
-def _one_edit(word: str) -> Iterable[str]:
-    """Every string one edit from ``word`` (deletions and swaps first: the cheapest to try)."""
-    splits = [(word[:i], word[i:]) for i in range(len(word) + 1)]
-    yield from (a + b[1:] for a, b in splits if b)
-    yield from (a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1)
-    yield from (a + c + b[1:] for a, b in splits if b for c in _LETTERS if c != b[0])
-    yield from (a + c + b for a, b in splits for c in _LETTERS)
+_ANY = "\0"  # the wildcard of a changed letter: never part of a word

@@ -123,6 +123,29 @@ def test_a_new_word_no_typo_could_explain_is_offered_after_its_first_use() -> No
     assert all(vocab.near_word(w) for w in ("teh", "caat", "sta", "cst", "at")) and not vocab.near_word("zorblat")
 
 
+NEAR_VOCAB = Vocab(["<unk>", "<eos>", "the", "cat", "sat", "apple", "quick", "a"])
+
+
+def one_error_apart(a: str, b: str) -> bool:
+    """Damerau distance 1, straight from its definition."""
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                   and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long = sorted((a, b), key=len)
+    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
+
+
+@given(st.text(alphabet="abcehilpqstuk", min_size=1, max_size=7))
+def test_near_word_is_damerau_distance_one_from_a_vocabulary_word(word: str) -> None:
+    if word in NEAR_VOCAB.stoi:
+        return
+    expected = any(one_error_apart(word, v) for v in NEAR_VOCAB.itos[2:])
+    assert NEAR_VOCAB.near_word(word) is expected
+
+
 def test_selection_without_a_cache_is_the_vocabulary_top_k_and_rotation_skips_words() -> None:
     vocab = Vocab(["<unk>", "<eos>", "the", "then", "they", "to", "a"])
     index = VocabIndex(vocab)

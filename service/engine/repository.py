@@ -325,6 +325,8 @@ class ModelRepository:
         if runtime.device_note:
             log.warning("%s v%s: %s", name, version, runtime.device_note)
         s = self.settings
+        if cache is not None and s.adaptation and s.new_word_first_use:
+            vocab.prepare_near_word()
         batcher = Batcher(
             runtime, model=name, version=version, max_batch_size=s.max_batch_size,
             max_queue_delay=s.max_queue_delay_seconds, max_batch_tokens=s.max_batch_tokens,
