@@ -548,14 +548,24 @@ def test_an_item_may_wait_longer_or_shorter_than_the_batcher_default(tiny: Loade
         patient.close()
 
 
-def test_pace_says_wait_only_while_other_sources_come_often() -> None:
+def test_pace_says_wait_only_while_other_sources_come_often_and_overlap() -> None:
     """Session steps wait for companions only under load from other sessions: a lone client's
-    steps, however fast, never do; a wait of 0 never does."""
+    steps, however fast, never do, nor those of one client taking turns between sessions (each
+    sent when the last is answered); a wait of 0 never does."""
     from service.engine.batcher import Pace
 
     pace = Pace()
     assert pace.delay("a", 0.004) is None  # idle for long
     assert all(pace.delay("a", 0.004) is None for _ in range(100))  # one source alone, µs apart
-    delays = [pace.delay(f"s{i % 7}", 0.004) for i in range(100)]  # seven sources, µs apart: heavy load
-    assert delays[0] is None and delays[-1] == 0.004
+    turns = []
+    for i in range(100):  # one client, two sessions in turn, µs apart: never overlapping
+        with pace.step(f"s{i % 2}", 0.004) as delay:
+            turns.append(delay)
+    assert set(turns) == {None} and pace.gap < 0.004
+    waits = []
+    for i in range(100):  # seven sessions, each step arriving while others are outstanding
+        with pace.step(f"s{i % 7}", 0.004) as delay:
+            waits.append(delay)
+            pace.delay(f"s{(i + 1) % 7}", 0.004)
+    assert waits[0] is None and waits[-1] == 0.004
     assert pace.delay("s1", 0.0) is None

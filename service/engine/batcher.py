@@ -40,7 +40,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,26 +109,48 @@ class WorkResult:
 
 
 class Pace:
-    """How often items from different sources reach a queue: a running average of the gaps
-    between consecutive items of different sources (a session's steps, say). It tells whether an
-    item that may wait a little for companions would find any: while other sources' items come
-    more often than the wait, one likely arrives within it; a single source never counts as
-    company (its next item cannot come before this one is answered). Event-loop side only."""
+    """Whether a session's step arriving now would find companions if it waited a little. Two
+    running averages, event-loop side only:
 
-    SMOOTHING = 0.1  # weight of the newest gap: about the last ten items count
+    * the gap between consecutive steps of *different* sources (sessions): while other sources'
+      steps come more often than the wait, one likely arrives within it;
+    * the share of recent steps during which another source's step arrived (they overlapped):
+      steps that come often but one after another (one client taking turns between its
+      sessions, each step sent when the last is answered) never overlap, and waiting would only
+      add the wait. Under keyboard load most steps overlap.
+
+    A single source never counts as company (its next step cannot come before this one is
+    answered)."""
+
+    SMOOTHING = 0.1  # weight of the newest observation: about the last ten steps count
+    COMPANY = 0.25  # the share of overlapping steps from which a step waits
 
     def __init__(self) -> None:
         self.gap = 1.0  # seconds, capped at 1: idle
+        self.overlap = 0.0
         self._last = 0.0
         self._source: Hashable = None
+        self._arrivals = 0
 
     def delay(self, source: Hashable, wait: float) -> float | None:
-        """``wait`` if an item from ``source`` arriving now should wait for companions, else None."""
+        """``wait`` if a step from ``source`` arriving now should wait for companions, else None."""
         now = time.monotonic()
         if source != self._source:
             self.gap += self.SMOOTHING * (min(now - self._last, 1.0) - self.gap)
         self._last, self._source = now, source
-        return wait if wait > 0 and self.gap < wait else None
+        self._arrivals += 1
+        return wait if wait > 0 and self.gap < wait and self.overlap >= self.COMPANY else None
+
+    @contextlib.contextmanager
+    def step(self, source: Hashable, wait: float) -> Iterator[float | None]:
+        """:meth:`delay` for a step from ``source``; when the block ends (the step answered),
+        whether another step arrived meanwhile counts towards :attr:`overlap`."""
+        delay = self.delay(source, wait)
+        ticket = self._arrivals
+        try:
+            yield delay
+        finally:
+            self.overlap += self.SMOOTHING * (float(self._arrivals > ticket) - self.overlap)
 
 
 class Batcher:

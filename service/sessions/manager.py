@@ -324,15 +324,17 @@ class SessionManager:
             head = np.asarray([last_id], dtype=np.int64)
             # Under keyboard load a step waits a little for other sessions' steps: one onnxruntime
             # call costs about the same for one row as for a few (the decoder's weights are read
-            # once); a lone client's steps, however fast, never wait (service/engine/batcher.py).
-            delay = lv.batcher.pace.delay(record.id, self.settings.session_queue_delay_ms / 1000)
-            read = WorkItem(np.concatenate([head, ids]), state=state, label=STEP, max_delay=delay)
-            items = [read]
-            if n:
-                advance = WorkItem(np.concatenate([head, ids[: n - 1]]), state=state, want_state=True,
-                                   want_log_probs=False, label=STEP, max_delay=delay)
-                items = [advance, read]
-            return _Submitted(lv, rebuilt, len(base), ids, n, await lv.batcher.run_many(items), restarted)
+            # once); a lone client's steps, however fast, never wait, nor those of one client
+            # taking turns between sessions (service/engine/batcher.py, Pace).
+            with lv.batcher.pace.step(record.id, self.settings.session_queue_delay_ms / 1000) as delay:
+                read = WorkItem(np.concatenate([head, ids]), state=state, label=STEP, max_delay=delay)
+                items = [read]
+                if n:
+                    advance = WorkItem(np.concatenate([head, ids[: n - 1]]), state=state, want_state=True,
+                                       want_log_probs=False, label=STEP, max_delay=delay)
+                    items = [advance, read]
+                outputs = await lv.batcher.run_many(items)
+            return _Submitted(lv, rebuilt, len(base), ids, n, outputs, restarted)
 
         lv, rebuilt, base_words, ids, n, outputs, restarted = await on_current_version(
             lambda: self._version_for(record), submit
