@@ -37,6 +37,7 @@ GRAPHS = ("predict", "score")
 # contexts (64 x 513 tokens) left the process 370 MB larger for good; shrunk after the run, 60 MB.
 # Ordinary batches (64 prompts of 5-20 words: ~1,300 tokens) stay below it and pay nothing.
 SHRINK_ARENA_TOKENS = 4096
+LONG_SEQUENCE_TOKENS = 16  # a batch this long (time steps) alone runs on the spinning session
 
 
 def _libc_malloc_trim() -> object | None:
@@ -132,6 +133,11 @@ class ModelRuntime:
     # runs too: two full-width pools on one CPU contend (measured on 2 cores: 1.74 instead of
     # 1.37 ms of CPU per row at batch 30, fewer rows/s than one thread).
     shared_sessions: dict[str, ort.InferenceSession] | None = None
+    # A predict session whose idle intra-op threads spin, for a long sequence running alone: its
+    # recurrent steps are hundreds of tiny parallel sections, and waking sleeping threads for each
+    # cost a 512-word prompt 59.5 instead of 20.3 ms (2 threads). Short steps and concurrent
+    # batches keep the sleeping pool, so the spinning does not take the event loop's CPU.
+    long_sessions: dict[str, ort.InferenceSession] | None = None
 
     @classmethod
     def load(
@@ -142,10 +148,12 @@ class ModelRuntime:
         whose intra-op pool is the cores divided among the workers (see :meth:`run`)."""
         directory = Path(directory)
 
-        def create(threads: int, graphs: tuple[str, ...] = GRAPHS) -> dict[str, ort.InferenceSession]:
+        def create(
+            threads: int, graphs: tuple[str, ...] = GRAPHS, spin: bool = spinning
+        ) -> dict[str, ort.InferenceSession]:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
             # One batch at a time per session call: a parallel inter-op pool would only add threads.
             opts.inter_op_num_threads = 1
             opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -176,6 +184,8 @@ class ModelRuntime:
             # Only the predict graph (predictions, sessions, generation) is hot enough to need
             # them; each set holds its own float32 copy of the weights.
             runtime.shared_sessions = create(shared, ("predict",))
+        if device == "cpu" and not spinning and full > 1:
+            runtime.long_sessions = create(intra_op_threads, ("predict",), spin=True)
         runtime.io = {
             g: GraphIO(
                 inputs={i.name: list(i.shape) for i in s.get_inputs()},
@@ -225,9 +235,11 @@ class ModelRuntime:
         """Run one graph; returns the requested outputs and the wall time of ``run``. ``shared``:
         other batches are running or waiting, so use the narrower sessions when there are some."""
         session = self.sessions[graph]
+        tokens = feeds.get(A.TOKENS)
         if shared and self.shared_sessions is not None:
             session = self.shared_sessions.get(graph, session)
-        tokens = feeds.get(A.TOKENS)
+        elif self.long_sessions is not None and tokens is not None and tokens.shape[-1] >= LONG_SEQUENCE_TOKENS:
+            session = self.long_sessions.get(graph, session)
         options = self._shrink_options() if tokens is not None and tokens.size >= SHRINK_ARENA_TOKENS else None
         start = time.perf_counter()
         result = session.run(outputs, feeds, options)
