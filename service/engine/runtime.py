@@ -37,7 +37,7 @@ GRAPHS = ("predict", "score")
 # contexts (64 x 513 tokens) left the process 370 MB larger for good; shrunk after the run, 60 MB.
 # Ordinary batches (64 prompts of 5-20 words: ~1,300 tokens) stay below it and pay nothing.
 SHRINK_ARENA_TOKENS = 4096
-LONG_SEQUENCE_TOKENS = 16  # a batch this long (time steps) alone runs on the spinning session
+LONG_SEQUENCE_TOKENS = 128  # a batch this long (time steps) alone runs on the spinning session
 
 
 def _libc_malloc_trim() -> object | None:
