@@ -319,7 +319,7 @@ class ModelRepository:
         index = VocabIndex(vocab, blocked_ids(vocab, self.blocklist), self.blocklist)
         runtime = ModelRuntime.load(
             path, card, self.device, self.settings.intra_op_threads, self.settings.intra_op_spinning,
-            workers=self.settings.inference_workers,
+            workers=self.settings.inference_workers, spinning_long=self.settings.long_prompt_spinning,
         )
         self_check(runtime, vocab)
         if runtime.device_note:

@@ -142,7 +142,7 @@ class ModelRuntime:
     @classmethod
     def load(
         cls, directory: str | Path, card: A.ModelCard, choice: DeviceChoice, intra_op_threads: int = 0,
-        spinning: bool = False, workers: int = 1,
+        spinning: bool = False, workers: int = 1, spinning_long: bool = True,
     ) -> ModelRuntime:
         """Sessions for every graph. With ``workers`` > 1 on CPU, also a second predict session
         whose intra-op pool is the cores divided among the workers (see :meth:`run`)."""
@@ -184,7 +184,7 @@ class ModelRuntime:
             # Only the predict graph (predictions, sessions, generation) is hot enough to need
             # them; each set holds its own float32 copy of the weights.
             runtime.shared_sessions = create(shared, ("predict",))
-        if device == "cpu" and not spinning and full > 1:
+        if device == "cpu" and spinning_long and not spinning and full > 1:
             runtime.long_sessions = create(intra_op_threads, ("predict",), spin=True)
         runtime.io = {
             g: GraphIO(
