@@ -135,7 +135,9 @@ def test_redis_killed_and_restarted_under_load(model_repository: Path, start_ser
     before = log.where("before", ("create", "update", "predict"))
     assert {o.status for o in before} <= {200, 201}, [o for o in before if o.status not in (200, 201)][:3]
     for stage in ("down", "restarting", "after"):
-        assert {o.status for o in log.where(stage, ("predict",))} == {200}, stage  # stateless: untouched
+        statuses = {o.status for o in log.where(stage, ("predict",))}  # stateless: untouched
+        # "restarting" lasts only as long as Redis takes to start (milliseconds): it may see none
+        assert statuses == {200} or (stage == "restarting" and statuses <= {200}), (stage, statuses)
     down = log.where("down", session)
     unavailable = [o for o in down if o.status == 503]
     assert len(unavailable) >= typists, [(o.status, o.error) for o in down]
