@@ -37,7 +37,7 @@ GRAPHS = ("predict", "score")
 # contexts (64 x 513 tokens) left the process 370 MB larger for good; shrunk after the run, 60 MB.
 # Ordinary batches (64 prompts of 5-20 words: ~1,300 tokens) stay below it and pay nothing.
 SHRINK_ARENA_TOKENS = 4096
-LONG_SEQUENCE_TOKENS = 128  # a batch this long (time steps) alone runs on the spinning session
+LONG_SEQUENCE_TOKENS = 128  # a batch this long (time steps, under SHRINK_ARENA_TOKENS in all) alone spins
 
 
 def _libc_malloc_trim() -> object | None:
@@ -238,7 +238,10 @@ class ModelRuntime:
         tokens = feeds.get(A.TOKENS)
         if shared and self.shared_sessions is not None:
             session = self.shared_sessions.get(graph, session)
-        elif self.long_sessions is not None and tokens is not None and tokens.shape[-1] >= LONG_SEQUENCE_TOKENS:
+        elif (self.long_sessions is not None and tokens is not None
+              and tokens.shape[-1] >= LONG_SEQUENCE_TOKENS and tokens.size < SHRINK_ARENA_TOKENS):
+            # A big batch spreads each step's wake-ups over its rows, and its arena is shrunk
+            # after the run: it stays on the ordinary session.
             session = self.long_sessions.get(graph, session)
         options = self._shrink_options() if tokens is not None and tokens.size >= SHRINK_ARENA_TOKENS else None
         start = time.perf_counter()
