@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     )
     long_prompt_spinning: bool = Field(
         True, description="With INTRA_OP_SPINNING off: run a batch of 128 or more time steps (under 4,096 tokens "
-        "in all) that has the model to itself on a second predict session whose threads spin (a 512-word prompt: ~23 instead of ~62 ms on 2 "
-        "cores). Costs ~70 MB per loaded model version."
+        "in all) that has the model to itself on a second predict session whose threads spin (a 512-word "
+        "prompt: ~23 instead of ~62 ms on 2 cores). Costs ~70 MB per loaded model version."
     )
 
     # --- dynamic batching ---------------------------------------------------------------------
