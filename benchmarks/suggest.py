@@ -156,7 +156,7 @@ def run_suggest(ctx: Context) -> list[Row]:
     rows = _rows(ctx, vocab, [samples[n][0] for n, *_ in cases])
     params = CacheParams.from_card(card.cache)
     served = Settings()  # new words as the service's defaults offer them
-    first_use = first_use_rule(vocab) if served.new_word_first_use else None
+    first_use = first_use_rule(vocab, served.new_word_first_use)
     adapted = [adapt(row, samples[n][0], vocab.encode(samples[n][0]), params, vocab.unk_id, served.new_word_min_count,
                      first_use)
                for (n, *_), row in zip(cases, rows, strict=True)]

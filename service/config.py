@@ -222,7 +222,8 @@ class Settings(BaseSettings):
     session_queue_delay_ms: float = Field(
         8.0, ge=0, le=1000, description="Under keyboard load, the longest a word-completing session update's model "
         "step waits for other sessions' to share one onnxruntime call. It waits only while such updates arrive "
-        "more often than this (a running average of the gaps between them), so a lone typist never waits; 0: "
+        "more often than this and overlap one another (running averages), so neither a lone typist nor one client "
+        "taking turns between its sessions ever waits; 0: "
         "session steps wait like any request (NEXTWORD_MAX_QUEUE_DELAY_MS)."
     )
     session_store_timeout_seconds: float = Field(

@@ -180,7 +180,7 @@ def model_ksr(model_dir: str | Path, documents: Sequence[Sequence[str]], variant
     its ``head`` count on the first ``head`` typed words. New words as the service offers them
     (``NEXTWORD_NEW_WORD_MIN_COUNT`` and ``NEXTWORD_NEW_WORD_FIRST_USE``)."""
     card, vocab = load_artifact(model_dir)
-    first_use = first_use_rule(vocab) if new_word_first_use else None
+    first_use = first_use_rule(vocab, new_word_first_use)
     suggester = suggester or Suggester.for_vocab(vocab)
     words = [w for doc in documents for w in doc]
     ids = np.asarray(vocab.encode(words), dtype=np.int64)

@@ -269,9 +269,12 @@ def adapt(
     return AdaptedRow(row, found, lps, written if written != found else ())
 
 
-def first_use_rule(vocab: Vocab) -> Callable[[str], bool]:
+def first_use_rule(vocab: Vocab, on: bool = True) -> Callable[[str], bool] | None:
     """Which new words are offered after their first use: letters only, and no slip on a word of
-    ``vocab`` (one typing error away from none of them)."""
+    ``vocab`` (one typing error away from none of them); ``None`` when the rule is off
+    (``NEXTWORD_NEW_WORD_FIRST_USE``), so every caller reads the setting the same way."""
+    if not on:
+        return None
     return lambda word: word.isalpha() and not vocab.near_word(word)
 
 

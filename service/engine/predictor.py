@@ -108,7 +108,7 @@ def adapt_row(
     if params is None:
         return AdaptedRow(log_probs)
     return adapt(log_probs, words, ids, params.limited(settings.cache_window_words), version.vocab.unk_id,
-                 settings.new_word_min_count, first_use_rule(version.vocab) if settings.new_word_first_use else None)
+                 settings.new_word_min_count, first_use_rule(version.vocab, settings.new_word_first_use))
 
 
 class Predictor:
