@@ -108,11 +108,12 @@ def _row(vocab: Vocab, boost: dict[str, float] | None = None) -> np.ndarray:
 def test_corrections_of_a_mistyped_fragment() -> None:
     vocab = tiny_vocab()
     lv = _version(vocab)
-    fixes = lv.corrector.correct(_row(vocab, {"the": 3.0}), "teh", 5)
+    fixes = lv.corrector.correct(lv.index.arrange(_row(vocab, {"the": 3.0})), "teh", 5)
     words = [vocab.itos[i] for i in fixes.ids]
     assert words[0] == "the" and all(w.startswith("th") for w in words)
     # A typo inside a word still being typed: "qiu" → "qui..." (transposition)
-    assert {vocab.itos[i] for i in lv.corrector.correct(_row(vocab), "qiu", 10).ids} >= {"quick", "quiet", "quite"}
+    fixes = lv.corrector.correct(lv.index.arrange(_row(vocab)), "qiu", 10)
+    assert {vocab.itos[i] for i in fixes.ids} >= {"quick", "quiet", "quite"}
     # Through selection: no word starts with "teh", so corrections fill the list, marked.
     candidates, top = select(lv, _row(vocab, {"the": 3.0}), 3, "teh")
     assert top.matches == 0 and [c.word for c in candidates][0] == "the" and all(c.correction for c in candidates)
@@ -147,8 +148,9 @@ def test_cached_candidates_answer_like_a_fresh_corrector(monkeypatch: pytest.Mon
         for row in rows:
             for fragment in fragments:
                 for filtered in (True, False):
-                    got = warm.correct(row, fragment, 3, filtered)
-                    want = Corrector(VocabIndex(vocab, blocked)).correct(row, fragment, 3, filtered)
+                    ranked = warm.index.arrange(row)
+                    got = warm.correct(ranked, fragment, 3, filtered)
+                    want = Corrector(VocabIndex(vocab, blocked)).correct(ranked, fragment, 3, filtered)
                     assert got.ids.tolist() == want.ids.tolist(), (fragment, filtered)
                     assert got.scores.tolist() == want.scores.tolist() and got.log_total == want.log_total
     assert 0 < warm._cache_bytes <= 2000 and warm._cache

@@ -195,18 +195,39 @@ def mix(log_probs: np.ndarray, cache: CacheDistribution) -> np.ndarray:
 @dataclass(frozen=True)
 class AdaptedRow:
     """A next-word distribution ready for selection: the (mixed) vocabulary row and the new words
-    offered beside it (spelled as typed), with their log-probabilities."""
+    offered beside it (spelled as typed), with their log-probabilities.
 
-    log_probs: np.ndarray
+    The vocabulary row is by word id (``log_probs``) or ranked (``ranked_log_probs``: in the
+    vocabulary index's sorted order, what selection reads; :meth:`ranked` makes it once). The
+    keystroke cache keeps only the ranked one."""
+
+    log_probs: np.ndarray | None
     new_words: tuple[str, ...] = ()
     new_log_probs: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
     new_written: tuple[str, ...] = ()  # each new word as last written (case kept); () = as new_words
+    ranked_log_probs: np.ndarray | None = None
+
+    def ranked(self, index: VocabIndex) -> np.ndarray:
+        """The vocabulary row in ``index``'s sorted order (made on first use and kept: every
+        version of a vocabulary sorts it the same way)."""
+        if self.ranked_log_probs is None:
+            assert self.log_probs is not None
+            object.__setattr__(self, "ranked_log_probs", index.arrange(self.log_probs))
+        assert self.ranked_log_probs is not None
+        return self.ranked_log_probs
+
+    @property
+    def values(self) -> np.ndarray:
+        """The vocabulary row in whichever order it is held (for order-free reductions)."""
+        row = self.log_probs if self.log_probs is not None else self.ranked_log_probs
+        assert row is not None
+        return row
 
     @cached_property
     def best_log_prob(self) -> float:
         """The row's highest log-probability, computed once: a session's keystrokes inside a word
         all select from the same (cached) row."""
-        return float(np.max(self.log_probs))
+        return float(np.max(self.values))
 
     def written(self, word: str) -> str:
         """How a new word was written (the word itself when not known)."""
@@ -299,7 +320,7 @@ def select_words(
     words in ``exclude`` (suggestion rotation: offered earlier for this word and passed over) are
     skipped without changing the others' probabilities. ``filtered``: blocklisted words, in the
     vocabulary or new, are not eligible (``service/engine/blocklist.py``)."""
-    top = index.top_k(row.log_probs, k + len(exclude), prefix, filtered=filtered)
+    top = index.top_k_ranked(row.ranked(index), k + len(exclude), prefix, filtered=filtered)
     vocab_words = index.decode(top.ids)
     blocked = index.blocked_words if filtered else frozenset()
     extra = [(w, float(lp)) for w, lp in zip(row.new_words, row.new_log_probs, strict=True)

@@ -19,11 +19,14 @@ fragment down that trie, tries one error at each position using only the letters
 prefix there, and scores the ranges of the prefixes it reaches with numpy at once.
 
 Which words a fragment may stand for, and at what error weight, depends on the fragment alone,
-not on the context: those candidates (ids and weights) are kept per fragment in a small LRU
+not on the context: those candidates (positions and weights) are kept per fragment in a small LRU
 (:data:`CANDIDATE_CACHE_BYTES`), so a keystroke whose fragment was seen before (most of them:
-typists type the same common words) only gathers the row at the candidates' ids and ranks them
-(measured on brown-lstm/2: ~105 µs of building → ~10 µs per keystroke). A candidate costs 8
-bytes (an int32 id, a float32 weight): the fragments typed by 192 typists of the keyboard
+typists type the same common words) only gathers the row at the candidates' positions and ranks
+them (measured on brown-lstm/2: ~105 µs of building → ~10 µs per keystroke). Candidates are
+positions in the sorted vocabulary, and the row is read ranked (``service/engine/vocab_index.py``):
+a fragment's candidates are a few runs of neighbouring words, so gathering them reads a few cache
+lines rather than one per candidate. A candidate costs 8 bytes (an int32 position, a float32
+weight): the fragments typed by 192 typists of the keyboard
 benchmark (20,230 distinct) hold 13.3 MB of candidates, so 16 MB keeps them all; at 8 MB the
 cache missed 2.3 times as often, and each miss costs ~200 µs of the event loop.
 """
@@ -65,6 +68,9 @@ MAX_FRAGMENT = 32  # longer fragments are not words being typed; no corrections
 # Candidates kept per model version (8 bytes per candidate: an int32 id and a float32 weight; a
 # two-letter fragment has a few thousand, a longer one tens): the fragments typed most recently.
 CANDIDATE_CACHE_BYTES = 16 << 20
+# Fragments whose one-error prefixes are kept to extend by the next letter: the last keystroke of
+# every typist typing now (a dict of a few dozen short strings each).
+REACHABLE_MEMO = 4096
 
 
 def qwerty_neighbours() -> dict[str, frozenset[str]]:
@@ -112,14 +118,15 @@ NO_CORRECTIONS = Corrections(np.empty(0, np.int64), np.empty(0, np.float64), -ma
 
 @dataclass(frozen=True)
 class _Candidates:
-    """The words one fragment may stand for (context-free): ids, sorted, with their error log-prob."""
+    """The words one fragment may stand for (context-free): their positions in the sorted
+    vocabulary, ascending, with their error log-prob."""
 
-    ids: np.ndarray
+    positions: np.ndarray
     weights: np.ndarray
 
     @property
     def nbytes(self) -> int:
-        return self.ids.nbytes + self.weights.nbytes + 200  # + the objects around them
+        return self.positions.nbytes + self.weights.nbytes + 200  # + the objects around them
 
 
 _NONE = _Candidates(np.empty(0, np.int32), np.empty(0, np.float32))
@@ -152,6 +159,7 @@ class Corrector:
         self._cache: OrderedDict[tuple[str, bool, bool], _Candidates] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
+        self._reach: OrderedDict[str, dict[str, float]] = OrderedDict()  # fragment -> _reachable()
 
     @property
     def prefixes(self) -> int:
@@ -164,48 +172,85 @@ class Corrector:
         Walks the fragment down the prefix trie: an error at position i needs ``fragment[:i]``
         to be a prefix, and only the letters that extend it are tried, so the work follows the
         vocabulary's real branching instead of the alphabet."""
-        f, n, nodes = fragment, len(fragment), self.nodes
-        out: dict[str, float] = {}
+        out = {p: lp for p, lp in self._reachable(fragment).items() if not p.startswith(fragment)}
+        out.pop("", None)
+        return out
+
+    def _reachable(self, f: str) -> dict[str, float]:
+        """Every trie prefix one error away from ``f`` (its own extensions and "" included), kept
+        for the fragments seen last. A keyboard sends a word one letter at a time, and an error
+        before the last two letters of ``f`` is an error of ``f[:-1]`` with the last letter
+        appended (the same kind: it depends on the letters around it, which ``f[:-1]`` has), so
+        ``f`` extends the answer for ``f[:-1]`` and tries errors only at its last two positions
+        (the one before last: an extra key there may now repeat or neighbour the new letter)."""
+        memo, n, nodes = self._reach, len(f), self.nodes
+        with self._lock:
+            found = memo.get(f)
+            if found is not None:
+                memo.move_to_end(f)
+                return found
+            before = memo.get(f[:-1]) if n >= 2 else None
+        if before is None:
+            found = {}
+            for i in range(n):
+                if not self._errors_at(f, i, found):
+                    break
+        else:
+            last = f[-1]
+            found = {p + last: lp for p, lp in before.items() if p + last in nodes}
+            if self._errors_at(f, n - 2, found):
+                self._errors_at(f, n - 1, found)
+        with self._lock:
+            memo[f] = found
+            if len(memo) > REACHABLE_MEMO:
+                memo.popitem(last=False)
+        return found
+
+    def _errors_at(self, f: str, i: int, out: dict[str, float]) -> bool:
+        """Add the prefixes one error at position ``i`` of ``f`` gives (with the likeliest error's
+        log-prob); False when ``f[:i]`` is no prefix, so neither this position nor any later one
+        can give one."""
+        head = f[:i]
+        node = self.nodes.get(head)
+        if node is None:
+            return False
+        nodes, n = self.nodes, len(f)
 
         def offer(p: str, kind: str) -> None:
-            if p in nodes and not p.startswith(f):
+            if p in nodes:
                 lp = ERROR_LOG_PROB[kind]
                 if lp > out.get(p, -math.inf):
                     out[p] = lp
 
-        for i in range(n):
-            head = f[:i]
-            node = nodes.get(head)
-            if node is None:
-                break  # no error past here can give a prefix
-            kids, typed, tail = node[2], f[i], f[i + 1:]
-            near = NEIGHBOURS.get(typed, ())
-            for c in kids:
-                if c != typed:  # f[i] typed for c
-                    offer(head + c + tail, "substitute_adjacent" if c in near else "substitute")
-                # c left out before f[i] (left out at the very end is just not typed yet)
-                offer(head + c + f[i:], "omit_double" if c == typed or (i and c == f[i - 1]) else "omit")
-            # f[i] is an extra key: a repeat, a neighbour of the letter beside it, or any other
-            beside = [f[j] for j in (i - 1, i + 1) if 0 <= j < n]
-            if typed in beside:
-                kind = "double"
-            elif any(typed in NEIGHBOURS.get(b, ()) for b in beside):
-                kind = "insert_adjacent"
-            else:
-                kind = "insert"
-            offer(head + tail, kind)
-            if i + 1 < n and f[i + 1] != typed:
-                offer(head + f[i + 1] + typed + f[i + 2:], "transpose")
-        out.pop("", None)
-        return out
+        kids, typed, tail = node[2], f[i], f[i + 1:]
+        near = NEIGHBOURS.get(typed, ())
+        for c in kids:
+            if c != typed:  # f[i] typed for c
+                offer(head + c + tail, "substitute_adjacent" if c in near else "substitute")
+            # c left out before f[i] (left out at the very end is just not typed yet)
+            offer(head + c + f[i:], "omit_double" if c == typed or (i and c == f[i - 1]) else "omit")
+        # f[i] is an extra key: a repeat, a neighbour of the letter beside it, or any other
+        beside = [f[j] for j in (i - 1, i + 1) if 0 <= j < n]
+        if typed in beside:
+            kind = "double"
+        elif any(typed in NEIGHBOURS.get(b, ()) for b in beside):
+            kind = "insert_adjacent"
+        else:
+            kind = "insert"
+        offer(head + tail, kind)
+        if i + 1 < n and f[i + 1] != typed:
+            offer(head + f[i + 1] + typed + f[i + 2:], "transpose")
+        return True
 
-    def correct(self, row: np.ndarray, fragment: str, k: int, filtered: bool = True) -> Corrections:
-        """The ``k`` best correction candidates for ``fragment`` under one next-word log-prob row."""
+    def correct(self, ranked: np.ndarray, fragment: str, k: int, filtered: bool = True) -> Corrections:
+        """The ``k`` best correction candidates for ``fragment`` under one next-word log-prob row,
+        ranked (``VocabIndex.arrange``)."""
         if not MIN_FRAGMENT <= len(fragment) <= MAX_FRAGMENT or k <= 0 or not _wordlike(fragment):
             return NO_CORRECTIONS
-        found = _score(row, self._candidates(fragment, filtered, False), k)
+        order = self.index.sorted_ids
+        found = _score(ranked, order, self._candidates(fragment, filtered, False), k)
         if found.empty:
-            found = _score(row, self._candidates(fragment, filtered, True), k)
+            found = _score(ranked, order, self._candidates(fragment, filtered, True), k)
         return found
 
     def _candidates(self, fragment: str, filtered: bool, backoff: bool) -> _Candidates:
@@ -229,25 +274,26 @@ class Corrector:
     def _build(self, fragment: str, variants: dict[str, float], filtered: bool) -> _Candidates:
         if not variants:
             return _NONE
-        index = self.index
+        index, nodes = self.index, self.nodes
         # Prefix ranges of a sorted vocabulary nest or are disjoint; give every position the best
-        # error weight of the ranges holding it, in sorted-position space.
-        weight = np.full(index.size, -np.inf)
-        nodes = self.nodes
-        for p, lp in sorted(variants.items(), key=lambda item: item[1]):
-            lo, hi, _ = nodes[p]
-            weight[lo:hi] = np.maximum(weight[lo:hi], lp)
+        # error weight of the ranges holding it, in sorted-position space: painted likeliest last.
+        spans = sorted((lp, *nodes[p][:2]) for p, lp in variants.items())
+        lo, hi = min(s[1] for s in spans), max(s[2] for s in spans)
+        weight = np.full(hi - lo, -np.inf, dtype=np.float32)
+        for lp, a, b in spans:
+            weight[a - lo:b - lo] = lp
         flo, fhi = index.prefix_range(fragment)
-        weight[flo:fhi] = -np.inf  # the fragment's own matches are not corrections
-        positions = np.flatnonzero(weight > -np.inf)
-        ids = index.sorted_ids[positions]
-        allowed = index.eligible(filtered)[0][ids]
-        ids, positions = ids[allowed], positions[allowed]
-        if ids.size == 0:
+        weight[max(flo, lo) - lo:max(min(fhi, hi), lo) - lo] = -np.inf  # its own matches are not corrections
+        positions = np.flatnonzero(weight != -np.inf)
+        weights = weight[positions]
+        positions += lo
+        keep = index.eligible_at(filtered)[positions]
+        positions, weights = positions[keep], weights[keep]
+        if positions.size == 0:
             return _NONE
-        ids, weights = ids.astype(np.int32), weight[positions].astype(np.float32)
-        ids.flags.writeable = weights.flags.writeable = False  # shared by every request for the fragment
-        return _Candidates(ids, weights)
+        positions = positions.astype(np.int32)
+        positions.flags.writeable = weights.flags.writeable = False  # shared by every request for the fragment
+        return _Candidates(positions, weights)
 
     def _eligible_outside(self, prefix: str, fragment: str, filtered: bool) -> bool:
         """Whether some offerable word starts with ``prefix`` but not with ``fragment``."""
@@ -266,21 +312,23 @@ class Corrector:
         return {}
 
 
-def _score(row: np.ndarray, candidates: _Candidates, k: int) -> Corrections:
-    """The ``k`` best of a fragment's candidates under one row (model log-prob + error log-prob)."""
-    ids = candidates.ids
-    if ids.size == 0:
+def _score(ranked: np.ndarray, order: np.ndarray, candidates: _Candidates, k: int) -> Corrections:
+    """The ``k`` best of a fragment's candidates under one ranked row (model log-prob + error
+    log-prob); ``order``: the word id at each sorted position."""
+    positions = candidates.positions
+    if positions.size == 0:
         return NO_CORRECTIONS
-    scores = np.asarray(row)[ids].astype(np.float64) + candidates.weights
+    scores = ranked[positions].astype(np.float64) + candidates.weights
     finite = np.isfinite(scores)
     if not finite.all():
-        ids, scores = ids[finite], scores[finite]
-    if ids.size == 0:
+        positions, scores = positions[finite], scores[finite]
+    if positions.size == 0:
         return NO_CORRECTIONS
     top = float(scores.max())
     log_total = top + math.log(float(np.exp(scores - top).sum()))
-    if ids.size > k:
+    if positions.size > k:
         part = np.argpartition(-scores, k - 1)[:k]
-        ids, scores = ids[part], scores[part]
+        positions, scores = positions[part], scores[part]
+    ids = order[positions]
     best = np.lexsort((ids, -scores))
     return Corrections(ids[best].astype(np.int64), scores[best], log_total)

@@ -21,21 +21,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.engine.cache_lm import AdaptedRow, Selection, select_words
 from service.engine.correct import LOG_NO_ERROR, MAX_ERROR_LOG_PROB
-from service.engine.truecase import starts_sentence, typed_fragment, write_as
+from service.engine.truecase import AS_IS, apply_case, case_of, starts_sentence, typed_fragment
 
 if TYPE_CHECKING:
     from nextword.text import SplitText
     from service.engine.repository import LoadedVersion
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Candidate:
+    """One suggestion. Not frozen: several are built per keystroke, and a frozen dataclass sets
+    each field through ``object.__setattr__``; nothing changes one after it is built."""
+
     word: str  # the model word (lowercase), or a new word as typed
     id: int  # -1 for a new word (outside the vocabulary)
     log_prob: float
@@ -45,7 +49,7 @@ class Candidate:
 
     def __post_init__(self) -> None:
         if not self.display:
-            object.__setattr__(self, "display", self.word)
+            self.display = self.word
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,11 @@ class Writing:
 
     sentence_start: bool = False
     typed: str = ""  # the fragment as typed (case kept)
+
+    @cached_property
+    def case(self) -> int:
+        """How every suggestion of this keystroke is written (``truecase.case_of``)."""
+        return case_of(self.sentence_start, self.typed)
 
     @classmethod
     def of(cls, raw: str, split: SplitText, before: list[str] | None = None) -> Writing:
@@ -91,20 +100,20 @@ def select(
     ]
     corrector = version.corrector if options.corrections else None
     if prefix and corrector is not None and not _out_of_reach(adapted.best_log_prob, top, k):
-        fixes = corrector.correct(adapted.log_probs, prefix, k + len(exclude), filtered=options.filter)
+        fixes = corrector.correct(adapted.ranked(version.index), prefix, k + len(exclude), filtered=options.filter)
         if not fixes.empty:
             chosen = _merge(chosen, top.mass, version.index.decode(fixes.ids), fixes.ids, fixes.scores,
                             fixes.log_total, k, exclude)
     casing = version.casing
+    case = writing.case if casing is not None else AS_IS
     candidates = []
     for word, word_id, lp, fix in chosen:
         if casing is not None and word_id >= 0:
-            display = casing.display(word_id, writing.sentence_start, writing.typed)
+            display = casing.display_as(word_id, case)
         elif word_id < 0:  # a new word: as the writer last wrote it ("Ierulli")
-            form = adapted.written(word)
-            display = write_as(form, writing.sentence_start, writing.typed) if casing is not None else form
+            display = apply_case(adapted.written(word), case)
         else:
-            display = write_as(word, writing.sentence_start, writing.typed) if casing is not None else word
+            display = apply_case(word, case)
         candidates.append(Candidate(word, word_id, lp, math.exp(lp), display, fix))
     return candidates, top
 

@@ -32,7 +32,12 @@ class TrueCase:
         return cls(vocab, read_casing(path).usual_forms(vocab.stoi))
 
     def display(self, word_id: int, sentence_start: bool, typed: str = "") -> str:
-        return write_as(render_word(self.forms[word_id]), sentence_start, typed)
+        return self.display_as(word_id, case_of(sentence_start, typed))
+
+    def display_as(self, word_id: int, case: int) -> str:
+        """:meth:`display` with the case already worked out (:func:`case_of`): a keystroke's
+        suggestions all share it."""
+        return apply_case(render_word(self.forms[word_id]), case)
 
 
 def render_word(word: str) -> str:
@@ -40,16 +45,30 @@ def render_word(word: str) -> str:
     return _RENDER.get(word, word)
 
 
-def write_as(form: str, sentence_start: bool, typed: str = "") -> str:
-    """``form`` as it should appear: all capitals after a fragment typed in capitals ("US" →
+AS_IS, CAPITALISED, CAPITALS = 0, 1, 2  # how a form is written (:func:`case_of`)
+
+
+def case_of(sentence_start: bool, typed: str = "") -> int:
+    """How words are written here: all capitals after a fragment typed in capitals ("US" →
     "USE", two letters or more), a capital first letter after a fragment starting with one or at
-    a sentence start, else the form itself (so "joh" still offers "John")."""
+    a sentence start, else as the form is (so "joh" still offers "John")."""
     letters = [ch for ch in typed if ch.isalpha()]
     if len(letters) >= 2 and all(ch.isupper() for ch in letters):
-        return form.upper()
+        return CAPITALS
     if (letters and letters[0].isupper()) or sentence_start:
-        return cap_first(form)
-    return form
+        return CAPITALISED
+    return AS_IS
+
+
+def apply_case(form: str, case: int) -> str:
+    if case == AS_IS:
+        return form
+    return form.upper() if case == CAPITALS else cap_first(form)
+
+
+def write_as(form: str, sentence_start: bool, typed: str = "") -> str:
+    """``form`` as it should appear after ``typed`` (:func:`case_of`)."""
+    return apply_case(form, case_of(sentence_start, typed))
 
 
 def starts_sentence(words: Sequence[str], before: int | None = None) -> bool:

@@ -3,6 +3,12 @@
 Built once per model version. The vocabulary sorted as strings makes "every word starting with
 ``prefix``" a contiguous range found by two bisections, so a request never loops over the
 vocabulary in Python; the rest (masking specials, renormalising, top-k) is numpy.
+
+Selection reads a next-word row *ranked*: rearranged once into that sorted order
+(:meth:`VocabIndex.arrange`), so a prefix's words are one contiguous slice of it. A session's
+keystrokes inside a word all select from the same row (the keystroke cache keeps it ranked), and
+a slice reads a few cache lines where gathering the range's words by id reads one line per word,
+spread over the whole row.
 """
 
 from __future__ import annotations
@@ -55,10 +61,21 @@ class VocabIndex:
         self.allowed_filtered[self.blocked] = False
         self.blocked_words = blocked_words | frozenset(vocab.itos[i] for i in self.blocked.tolist())
         self.words = np.asarray(vocab.itos, dtype=object)
+        # The same masks by position in sorted order, with running counts: how many eligible
+        # words a prefix's range holds is two look-ups.
+        self._at: dict[bool, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for filtered in (False, True):
+            allowed_at = self.eligible(filtered)[0][self.sorted_ids]
+            before = np.concatenate([[0], np.cumsum(allowed_at, dtype=np.int64)])
+            self._at[filtered] = (allowed_at, before, np.flatnonzero(~allowed_at))
 
     def eligible(self, filtered: bool) -> tuple[np.ndarray, np.ndarray]:
         """``(allowed mask, banned ids)`` of a selection with or without the blocklist."""
         return (self.allowed_filtered, self.banned_filtered) if filtered else (self.allowed, self.banned)
+
+    def eligible_at(self, filtered: bool) -> np.ndarray:
+        """The allowed mask of :meth:`eligible` by position in sorted order."""
+        return self._at[filtered][0]
 
     def prefix_range(self, prefix: str) -> tuple[int, int]:
         """``[lo, hi)`` in sorted order of the words starting with ``prefix``.
@@ -82,26 +99,37 @@ class VocabIndex:
         ids = self.sorted_ids[lo:hi]
         return ids[self.eligible(filtered)[0][ids]]
 
+    def arrange(self, log_probs: np.ndarray) -> np.ndarray:
+        """A next-word row (by word id) ranked: rearranged into sorted-word order, a new array."""
+        return np.asarray(log_probs)[self.sorted_ids]
+
     def top_k(self, log_probs: np.ndarray, k: int, prefix: str = "", filtered: bool = False) -> TopK:
-        """The ``k`` most likely eligible words given one row of next-word log-probabilities."""
-        row = np.asarray(log_probs)
-        allowed, banned = self.eligible(filtered)
+        """The ``k`` most likely eligible words given one row of next-word log-probabilities (by
+        word id; :meth:`top_k_ranked` for a row already ranked)."""
+        return self.top_k_ranked(self.arrange(log_probs), k, prefix, filtered)
+
+    def top_k_ranked(self, ranked: np.ndarray, k: int, prefix: str = "", filtered: bool = False) -> TopK:
+        """:meth:`top_k` of a ranked row (:meth:`arrange`)."""
+        allowed_at, before, banned_at = self._at[filtered]
         if prefix:
-            ids: np.ndarray | None = self.candidates(prefix, filtered)
-            scores = row[ids]
+            lo, hi = self.prefix_range(prefix)
+            matches = int(before[hi] - before[lo])
+            if matches == hi - lo:  # every word of the range is eligible: a slice, no copy
+                ids: np.ndarray | None = self.sorted_ids[lo:hi]
+                wide = ranked[lo:hi].astype(np.float32, copy=False)
+            else:
+                positions = np.flatnonzero(allowed_at[lo:hi]) + lo
+                ids, wide = self.sorted_ids[positions], ranked[positions].astype(np.float32, copy=False)
         else:
-            ids, scores = None, row
-        matches = int(ids.size) if ids is not None else self.size - banned.size
+            ids, matches = None, self.size - banned_at.size
         if matches == 0 or k <= 0:
             return TopK(np.empty(0, np.int64), np.empty(0, np.float64), 0.0, matches)
         # float32 throughout (the model's own precision): the shift by the eligible maximum keeps
         # one term at exactly 1, so nothing that matters underflows, and the pairwise sum is good
         # to ~1e-7 relative. Half the memory traffic of float64 over a vocabulary-sized row.
         if ids is None:
-            wide = scores.astype(np.float32)  # a copy: the batch row is read-only
-            wide[banned] = -np.inf
-        else:
-            wide = scores.astype(np.float32, copy=False)  # row[ids] is a copy already
+            wide = ranked.astype(np.float32)  # a copy: the ranked row is shared
+            wide[banned_at] = -np.inf
         top = float(wide.max())
         finite = bool(np.isfinite(top))
         if not finite:
@@ -117,13 +145,13 @@ class VocabIndex:
         else:
             pos = _shortlist(wide, k)
             if ids is None:
-                pos = pos[allowed[pos]]
-            keys = ids[pos] if ids is not None else pos
+                pos = pos[allowed_at[pos]]
+            keys = (ids if ids is not None else self.sorted_ids)[pos]
             pos = pos[np.lexsort((keys, -wide[pos]))[:k]]
         chosen = wide[pos].astype(np.float64)
         if prefix:
             chosen = chosen - log_mass
-        result_ids = (ids[pos] if ids is not None else pos).astype(np.int64)
+        result_ids = (ids if ids is not None else self.sorted_ids)[pos].astype(np.int64)
         return TopK(result_ids, chosen, float(np.exp(log_mass)), matches)
 
     def decode(self, ids: np.ndarray) -> list[str]:

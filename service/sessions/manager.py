@@ -366,6 +366,7 @@ class SessionManager:
             learned_ids = _lower_ids(lv, record.learned)
         record.pending = split.pending
         row = self.adjust_row(lv, record, outputs[-1].log_probs, tail, learn, learned_ids)
+        row.ranked(lv.index)  # what the keystrokes of this word select from, and all the cache keeps
         self.rows.put(record.id, lv, self.stamp(record, tail, learn), record.state, row, learned_ids)
         return self._result(lv, record, row, k, split, writing, options, rebuilt)
 

@@ -64,8 +64,16 @@ def entry_bytes(row: AdaptedRow, state: dict[str, np.ndarray] | None, learned_id
     as its UTF-8 bytes plus 64 for the string object and its log-probability."""
     words = sum(len(w.encode()) + 64 for w in row.new_words) + sum(len(w.encode()) + 64 for w in row.new_written)
     learned = learned_ids.nbytes if learned_ids is not None else 0
-    return (row.log_probs.nbytes + words + sum(a.nbytes for a in (state or {}).values()) + learned
-            + ENTRY_OVERHEAD_BYTES)
+    rows = sum(a.nbytes for a in (row.log_probs, row.ranked_log_probs) if a is not None)
+    return rows + words + sum(a.nbytes for a in (state or {}).values()) + learned + ENTRY_OVERHEAD_BYTES
+
+
+def _own(values: np.ndarray) -> np.ndarray:
+    """A read-only float32 row not shared with anything else (a copy unless it already is one)."""
+    if values.base is not None or values.dtype != np.float32:
+        values = np.array(values, dtype=np.float32, copy=True)
+    values.flags.writeable = False
+    return values
 
 
 def _same_state(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray] | None) -> bool:
@@ -126,16 +134,20 @@ class RowCache:
 
     def put(self, session_id: str, model: object, stamp: tuple[Hashable, Hashable],
             state: dict[str, np.ndarray] | None, row: AdaptedRow, learned_ids: np.ndarray | None = None) -> None:
-        """Remember ``row`` (copied when it is a view: batch rows are views into a whole batch's
-        output) and, when given, the ids of the learned words it was computed from (kept as given:
-        the caller hands over an array it no longer changes)."""
+        """Remember ``row``: only its ranked vocabulary row when it has one (what selection reads;
+        a new array, never shared with the batch), else its row by id (copied when it is a view:
+        batch rows are views into a whole batch's output); and, when given, the ids of the learned
+        words it was computed from (kept as given: the caller hands over an array it no longer
+        changes)."""
         if not self.enabled:
             return
-        values = row.log_probs
-        if values.base is not None or values.dtype != np.float32:
-            values = np.array(values, dtype=np.float32, copy=True)
-        values.flags.writeable = False
-        own = AdaptedRow(values, row.new_words, np.array(row.new_log_probs, copy=True), row.new_written)
+        ranked, values = row.ranked_log_probs, row.log_probs
+        if ranked is not None:
+            ranked, values = _own(ranked), None
+        else:
+            assert values is not None
+            values = _own(values)
+        own = AdaptedRow(values, row.new_words, np.array(row.new_log_probs, copy=True), row.new_written, ranked)
         nbytes = entry_bytes(own, state, learned_ids)
         self.drop(session_id)
         if nbytes > self.max_bytes:

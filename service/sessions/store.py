@@ -79,15 +79,13 @@ class SessionRecord:
         return self.last_used + self.ttl
 
     def copy(self) -> SessionRecord:
-        """A copy safe to modify: the state arrays are replaced on update, never written in place."""
-        # Field by field rather than dataclasses.replace, which re-runs __init__ through
-        # introspection: the memory store copies twice per keystroke.
+        """A copy safe to modify. Shallow: an update replaces a record's fields (the state dict
+        and arrays, the word lists), never changes them in place, so the memory store's own
+        record is untouched by an update that fails half-way. Rather than ``dataclasses.replace``,
+        which re-runs ``__init__`` through introspection: the memory store copies twice per
+        keystroke, and the learned-words list alone holds up to 2,002 words."""
         new = object.__new__(SessionRecord)
         new.__dict__.update(self.__dict__)
-        new.recent_words = list(self.recent_words)
-        new.state = dict(self.state) if self.state is not None else None
-        new.learned = list(self.learned)
-        new.passed = list(self.passed)
         return new
 
 
