@@ -128,6 +128,18 @@ def test_corrections_of_a_mistyped_fragment() -> None:
     assert not any(c.correction for c in candidates[1:] if c.word.startswith("tha"))
 
 
+def test_corrections_after_every_match_was_passed_over() -> None:
+    """Rotation: once every word completing the fragment was offered and passed over, the
+    corrections still come, however likely those matches were (no bar from matches not shown)."""
+    vocab = tiny_vocab()
+    lv = _version(vocab)
+    row = _row(vocab, {"the": 3.0, "quick": 6.0, "quiet": 6.0, "quite": 6.0, "queen": 6.0})
+    passed = frozenset({"queen", "quick", "quiet", "quite"})
+    assert sorted(c.word for c in select(lv, row, 10, "qu")[0]) == sorted(passed)
+    candidates, top = select(lv, row, 3, "qu", exclude=passed)
+    assert candidates and all(c.correction and c.word not in passed for c in candidates)
+
+
 def test_cached_candidates_answer_like_a_fresh_corrector(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fragment's candidates are kept between requests: with the cache warm from other rows (and
     evicting, under a small bound) every answer equals a cold corrector's, filtered or not, with

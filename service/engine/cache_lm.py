@@ -321,18 +321,22 @@ def select_words(
     skipped without changing the others' probabilities. ``filtered``: blocklisted words, in the
     vocabulary or new, are not eligible (``service/engine/blocklist.py``)."""
     top = index.top_k_ranked(row.ranked(index), k + len(exclude), prefix, filtered=filtered)
-    vocab_words = index.decode(top.ids)
-    blocked = index.blocked_words if filtered else frozenset()
-    extra = [(w, float(lp)) for w, lp in zip(row.new_words, row.new_log_probs, strict=True)
-             if w.startswith(prefix) and w not in blocked]
+    vocab_words, ids, lps = index.decode(top.ids), top.ids.tolist(), top.log_probs.tolist()
+    extra = []
+    if row.new_words:
+        blocked = index.blocked_words if filtered else frozenset()
+        extra = [(w, float(lp)) for w, lp in zip(row.new_words, row.new_log_probs, strict=True)
+                 if w.startswith(prefix) and w not in blocked]
     if not extra:
+        if not exclude:
+            return Selection(vocab_words[:k], ids[:k], lps[:k], top.mass, top.matches)
         kept = [j for j, w in enumerate(vocab_words) if w not in exclude][:k]
-        return Selection([vocab_words[j] for j in kept], [int(top.ids[j]) for j in kept],
-                         [float(top.log_probs[j]) for j in kept], top.mass, top.matches)
+        return Selection([vocab_words[j] for j in kept], [ids[j] for j in kept], [lps[j] for j in kept], top.mass,
+                         top.matches)
     # top_k renormalised over the prefix's vocabulary matches: back to absolute probabilities,
     # then over the vocabulary's and the new words' matches together.
     shift = math.log(top.mass) if prefix and top.mass > 0 else 0.0
-    entries = [(float(lp) + shift, w, int(i)) for w, i, lp in zip(vocab_words, top.ids, top.log_probs, strict=True)]
+    entries = [(lp + shift, w, i) for w, i, lp in zip(vocab_words, ids, lps, strict=True)]
     entries += [(lp, w, -1) for w, lp in extra]
     mass = top.mass + sum(math.exp(lp) for _, lp in extra)
     entries.sort(key=lambda e: -e[0])  # stable: vocabulary ties stay in id order, new words after them

@@ -37,6 +37,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -98,6 +99,20 @@ def _adjacent(a: str, b: str) -> bool:
     return b in NEIGHBOURS.get(a, ())
 
 
+class Bar(NamedTuple):
+    """What a correction must score to be worth ranking: at least ``floor`` and more than
+    ``beat``. Below it no candidate could enter the answer, so only their best score is read."""
+
+    floor: float = -math.inf
+    beat: float = -math.inf
+
+    def cleared_by(self, score: float) -> bool:
+        return score >= self.floor and score > self.beat
+
+
+NO_BAR = Bar()
+
+
 @dataclass(frozen=True)
 class Corrections:
     """Correction candidates for one fragment, best first: vocabulary ids, their joint scores
@@ -114,6 +129,7 @@ class Corrections:
 
 
 NO_CORRECTIONS = Corrections(np.empty(0, np.int64), np.empty(0, np.float64), -math.inf)
+BARRED = Corrections(np.empty(0, np.int64), np.empty(0, np.float64), -math.inf)  # none cleared the bar
 
 
 @dataclass(frozen=True)
@@ -242,16 +258,20 @@ class Corrector:
             offer(head + f[i + 1] + typed + f[i + 2:], "transpose")
         return True
 
-    def correct(self, ranked: np.ndarray, fragment: str, k: int, filtered: bool = True) -> Corrections:
+    def correct(self, ranked: np.ndarray, fragment: str, k: int, filtered: bool = True,
+                bar: Bar = NO_BAR) -> Corrections:
         """The ``k`` best correction candidates for ``fragment`` under one next-word log-prob row,
-        ranked (``VocabIndex.arrange``)."""
+        ranked (``VocabIndex.arrange``); none when no candidate clears ``bar`` (then only their
+        best score is computed: a two-letter fragment has some 3,000 candidates)."""
         if not MIN_FRAGMENT <= len(fragment) <= MAX_FRAGMENT or k <= 0 or not _wordlike(fragment):
             return NO_CORRECTIONS
         order = self.index.sorted_ids
-        found = _score(ranked, order, self._candidates(fragment, filtered, False), k)
+        found = _score(ranked, order, self._candidates(fragment, filtered, False), k, bar)
+        if found is BARRED:
+            return NO_CORRECTIONS
         if found.empty:
-            found = _score(ranked, order, self._candidates(fragment, filtered, True), k)
-        return found
+            found = _score(ranked, order, self._candidates(fragment, filtered, True), k, bar)
+        return NO_CORRECTIONS if found is BARRED else found
 
     def _candidates(self, fragment: str, filtered: bool, backoff: bool) -> _Candidates:
         key = (fragment, filtered, backoff)
@@ -312,20 +332,25 @@ class Corrector:
         return {}
 
 
-def _score(ranked: np.ndarray, order: np.ndarray, candidates: _Candidates, k: int) -> Corrections:
+def _score(ranked: np.ndarray, order: np.ndarray, candidates: _Candidates, k: int, bar: Bar = NO_BAR) -> Corrections:
     """The ``k`` best of a fragment's candidates under one ranked row (model log-prob + error
-    log-prob); ``order``: the word id at each sorted position."""
+    log-prob); ``order``: the word id at each sorted position. :data:`BARRED` when candidates
+    with finite scores exist but none clears ``bar``."""
     positions = candidates.positions
     if positions.size == 0:
         return NO_CORRECTIONS
-    scores = ranked[positions].astype(np.float64) + candidates.weights
-    finite = np.isfinite(scores)
-    if not finite.all():
+    scores = ranked[positions].astype(np.float64)
+    scores += candidates.weights
+    top = float(np.maximum.reduce(scores))
+    if not math.isfinite(top) or not math.isfinite(float(np.add.reduce(scores))):
+        finite = np.isfinite(scores)  # -inf in the row (or NaN): those words are no candidates
         positions, scores = positions[finite], scores[finite]
-    if positions.size == 0:
-        return NO_CORRECTIONS
-    top = float(scores.max())
-    log_total = top + math.log(float(np.exp(scores - top).sum()))
+        if positions.size == 0:
+            return NO_CORRECTIONS
+        top = float(np.maximum.reduce(scores))
+    if not bar.cleared_by(top):
+        return BARRED
+    log_total = top + math.log(float(np.add.reduce(np.exp(scores - top))))
     if positions.size > k:
         part = np.argpartition(-scores, k - 1)[:k]
         positions, scores = positions[part], scores[part]

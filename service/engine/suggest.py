@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.engine.cache_lm import AdaptedRow, Selection, select_words
-from service.engine.correct import LOG_NO_ERROR, MAX_ERROR_LOG_PROB
+from service.engine.correct import LOG_NO_ERROR, MAX_ERROR_LOG_PROB, NO_BAR, Bar
 from service.engine.truecase import AS_IS, apply_case, case_of, starts_sentence, typed_fragment
 
 if TYPE_CHECKING:
@@ -99,11 +99,15 @@ def select(
         (w, i, lp, False) for w, i, lp in zip(top.words, top.ids, top.log_probs, strict=True)
     ]
     corrector = version.corrector if options.corrections else None
-    if prefix and corrector is not None and not _out_of_reach(adapted.best_log_prob, top, k):
-        fixes = corrector.correct(adapted.ranked(version.index), prefix, k + len(exclude), filtered=options.filter)
+    bar = _bar(top, k) if prefix and corrector is not None else NO_BAR
+    # Judged first from the best word of the whole row (no correction scores above it plus the
+    # likeliest error): most keystrokes, a fragment with enough likely completions, then skip the
+    # correction index; the corrector judges again from its candidates' best score.
+    if corrector is not None and prefix and bar.cleared_by(adapted.best_log_prob + MAX_ERROR_LOG_PROB):
+        fixes = corrector.correct(adapted.ranked(version.index), prefix, k + len(exclude), options.filter, bar)
         if not fixes.empty:
-            chosen = _merge(chosen, top.mass, version.index.decode(fixes.ids), fixes.ids, fixes.scores,
-                            fixes.log_total, k, exclude)
+            chosen = _merge(chosen, top.mass, version.index.decode(fixes.ids), fixes.ids.tolist(),
+                            fixes.scores.tolist(), fixes.log_total, k, exclude)
     casing = version.casing
     case = writing.case if casing is not None else AS_IS
     candidates = []
@@ -118,21 +122,29 @@ def select(
     return candidates, top
 
 
-def _out_of_reach(best_log_prob: float, top: Selection, k: int) -> bool:
-    """Whether no correction could enter the answer, judged from the best word of the whole row:
-    most keystrokes (a fragment with enough likely completions) then skip the correction index."""
-    if top.mass <= 0:
-        return False
-    ceiling = best_log_prob + MAX_ERROR_LOG_PROB  # no correction scores above this
+def _bar(top: Selection, k: int) -> Bar:
+    """What a correction must score to enter the answer beside these matches (see :func:`_merge`):
+    a posterior of at least :data:`MIN_CORRECTION_POSTERIOR` against the matches alone, and more
+    than the k-th match's joint score (ties go to matches). Without matches (none, none likely,
+    or all passed over already) nothing is barred."""
+    if top.mass <= 0 or not top.ids:
+        return NO_BAR
     log_matches = math.log(top.mass) + LOG_NO_ERROR
-    if ceiling < log_matches + math.log(MIN_CORRECTION_POSTERIOR):
-        return True
-    # The k-th match, at its model log-prob: a correction only ties it at best, and ties go to matches.
-    return len(top.ids) >= k and top.log_probs[k - 1] + log_matches >= ceiling
+    beat = top.log_probs[k - 1] + log_matches if len(top.ids) >= k else -math.inf
+    return Bar(log_matches + math.log(MIN_CORRECTION_POSTERIOR), beat)
 
 
-def _merge(matches: list[tuple[str, int, float, bool]], mass: float, words: list[str], ids: np.ndarray,
-           scores: np.ndarray, log_total: float, k: int,
+def _logaddexp(a: float, b: float) -> float:
+    """``log(exp(a) + exp(b))`` of two floats (numpy's ufunc costs more than the arithmetic)."""
+    if a < b:
+        a, b = b, a
+    if a == -math.inf:
+        return a
+    return a + math.log1p(math.exp(b - a))
+
+
+def _merge(matches: list[tuple[str, int, float, bool]], mass: float, words: list[str], ids: list[int],
+           scores: list[float], log_total: float, k: int,
            exclude: frozenset[str] = frozenset()) -> list[tuple[str, int, float, bool]]:
     """Matches and corrections ranked together by P_model · P(fragment | word). A correction must
     reach a posterior of :data:`MIN_CORRECTION_POSTERIOR` unless nothing matches the fragment, so a
@@ -140,11 +152,11 @@ def _merge(matches: list[tuple[str, int, float, bool]], mass: float, words: list
     ``k`` the matches come back untouched; else all are posteriors. Corrections in ``exclude``
     (passed over already) are not offered again."""
     log_matches = (math.log(mass) if mass > 0 else -math.inf) + LOG_NO_ERROR
-    log_z = float(np.logaddexp(log_matches, log_total))
+    log_z = _logaddexp(log_matches, log_total)
     floor = log_z + math.log(MIN_CORRECTION_POSTERIOR) if matches else -math.inf
     # A match's renormalised log-prob plus log(mass) is its model log-prob.
     joint = [(lp + log_matches, 0, n, word, word_id) for n, (word, word_id, lp, _) in enumerate(matches)]
-    joint += [(float(s), 1, n, w, int(i)) for n, (w, i, s) in enumerate(zip(words, ids, scores, strict=True))
+    joint += [(s, 1, n, w, i) for n, (w, i, s) in enumerate(zip(words, ids, scores, strict=True))
               if s >= floor and w not in exclude]
     joint.sort(key=lambda j: (-j[0], j[1], j[2]))
     best = joint[:k]

@@ -14,6 +14,8 @@ spread over the whole row.
 from __future__ import annotations
 
 import bisect
+import functools
+import math
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from nextword.vocab import Vocab
 # Prefix ranges up to this many words are sorted whole (measured: 9 vs 20 µs of CPU at 57 words,
 # 12 vs 22 µs at 187, break-even near 400; the 889 words of "t" are faster through the shortlist).
 SORT_WHOLE_RANGE = 256
+PREFIX_RANGES = 65_536  # prefix ranges memoised per index (~200 bytes each)
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,14 @@ class VocabIndex:
         self.words = np.asarray(vocab.itos, dtype=object)
         # The same masks by position in sorted order, with running counts: how many eligible
         # words a prefix's range holds is two look-ups.
-        self._at: dict[bool, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._at: dict[bool, tuple[np.ndarray, list[int], np.ndarray]] = {}
         for filtered in (False, True):
             allowed_at = self.eligible(filtered)[0][self.sorted_ids]
             before = np.concatenate([[0], np.cumsum(allowed_at, dtype=np.int64)])
-            self._at[filtered] = (allowed_at, before, np.flatnonzero(~allowed_at))
+            self._at[filtered] = (allowed_at, before.tolist(), np.flatnonzero(~allowed_at))
+        # Keystrokes ask for the same few thousand fragments over and over: two bisections over
+        # the sorted words (some 30 string comparisons) become one dictionary look-up.
+        self._ranges = functools.lru_cache(maxsize=PREFIX_RANGES)(self._bisect)
 
     def eligible(self, filtered: bool) -> tuple[np.ndarray, np.ndarray]:
         """``(allowed mask, banned ids)`` of a selection with or without the blocklist."""
@@ -78,10 +84,13 @@ class VocabIndex:
         return self._at[filtered][0]
 
     def prefix_range(self, prefix: str) -> tuple[int, int]:
-        """``[lo, hi)`` in sorted order of the words starting with ``prefix``.
+        """``[lo, hi)`` in sorted order of the words starting with ``prefix``."""
+        return self._ranges(prefix)
 
-        Every such word lies between ``prefix`` and ``prefix`` with its last character bumped by
-        one code point, and every word in that interval starts with ``prefix``."""
+    def _bisect(self, prefix: str) -> tuple[int, int]:
+        """:meth:`prefix_range` by bisection. Every word starting with ``prefix`` lies between
+        ``prefix`` and ``prefix`` with its last character bumped by one code point, and every
+        word in that interval starts with ``prefix``."""
         if not prefix:
             return 0, self.size
         lo = bisect.bisect_left(self.sorted_words, prefix)
@@ -113,7 +122,7 @@ class VocabIndex:
         allowed_at, before, banned_at = self._at[filtered]
         if prefix:
             lo, hi = self.prefix_range(prefix)
-            matches = int(before[hi] - before[lo])
+            matches = before[hi] - before[lo]
             if matches == hi - lo:  # every word of the range is eligible: a slice, no copy
                 ids: np.ndarray | None = self.sorted_ids[lo:hi]
                 wide = ranked[lo:hi].astype(np.float32, copy=False)
@@ -130,12 +139,14 @@ class VocabIndex:
         if ids is None:
             wide = ranked.astype(np.float32)  # a copy: the ranked row is shared
             wide[banned_at] = -np.inf
-        top = float(wide.max())
-        finite = bool(np.isfinite(top))
+        # (ufunc reductions called directly: ndarray.max/sum go through a Python wrapper, and a
+        # keystroke's range is small enough for that to show)
+        top = float(np.maximum.reduce(wide))
+        finite = math.isfinite(top)
         if not finite:
-            top = 0.0 if np.isnan(top) or top > 0 else -1e30
+            top = 0.0 if math.isnan(top) or top > 0 else -1e30
         shifted = wide - np.float32(top)
-        log_mass = top + float(np.log(np.exp(shifted, out=shifted).sum(dtype=np.float64)))
+        log_mass = top + math.log(float(np.add.reduce(np.exp(shifted, out=shifted), dtype=np.float64)))
         k = min(k, matches)
         # Best first, ties by word id: the result never depends on partitioning order.
         if ids is not None and matches <= SORT_WHOLE_RANGE and finite:
@@ -152,7 +163,7 @@ class VocabIndex:
         if prefix:
             chosen = chosen - log_mass
         result_ids = (ids if ids is not None else self.sorted_ids)[pos].astype(np.int64)
-        return TopK(result_ids, chosen, float(np.exp(log_mass)), matches)
+        return TopK(result_ids, chosen, math.exp(log_mass), matches)
 
     def decode(self, ids: np.ndarray) -> list[str]:
         return self.words[ids].tolist()
