@@ -59,9 +59,10 @@ class Settings(BaseSettings):
     )
     inference_workers: int = Field(
         2, ge=1, description="Worker threads per model version, each running one batch at a time from the shared "
-        "queue. A batch that runs alone uses all NEXTWORD_INTRA_OP_THREADS; batches that overlap use sessions with "
-        "the threads divided among the workers, so under load the model keeps a core busy while the HTTP event "
-        "loop uses the other (measured on 2 cores: 64-client throughput +13%, single-client latency unchanged). "
+        "queue. A batch that runs alone uses all NEXTWORD_INTRA_OP_THREADS; batches that overlap, and every batch "
+        "while session steps wait for companions (keyboard load), use sessions with the threads divided among the "
+        "workers, so under load the model keeps a core busy while the HTTP event loop uses the other (measured on 2 "
+        "cores: 64-client throughput +13%, single-client latency unchanged). "
         "With more than 1, each loaded version holds a second predict session (~75 MB for the default model)."
     )
     queue_capacity: int = Field(1024, ge=1, description="Work items waiting per model version; beyond it: 503.")
