@@ -23,7 +23,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 # Modules the full environment must provide; when one is missing `make venv` (re)installs.
-VENV_CHECK := import torch, onnx, onnxruntime, fastapi, uvicorn, numpy, prometheus_client, redis, pydantic_settings, pytest, pytest_timeout, httpx, hypothesis, yaml, kubernetes_validate, selenium, schemathesis
+VENV_CHECK := import torch, onnx, onnxruntime, fastapi, uvicorn, numpy, orjson, prometheus_client, redis, pydantic_settings, pytest, pytest_timeout, httpx, hypothesis, yaml, kubernetes_validate, selenium, schemathesis
 SYSTEM_PACKAGES := redis-server prometheus chromium chromium-driver
 # The project's own packages present in the tree; each must be importable from outside it (an
 # editable install made before a package existed does not know it: it is then reinstalled).

@@ -41,11 +41,11 @@ async def ready() -> dict[str, str]:
 @app.websocket("/v1/sessions/stream")
 async def stream(websocket: WebSocket) -> None:
     await websocket.accept()
-    await websocket.send_text(_json({"type": "session", "session_id": _RESULT.record.id}))
+    await websocket.send_text(_json({"type": "session", "session_id": _RESULT.record.id}).decode())
     try:
         while True:
             data = json.loads(await websocket.receive_text())
             await websocket.send_text(_json({"type": "predictions", "seq": data.get("seq"),
-                                             **predictions_body(_RESULT)}))
+                                             **predictions_body(_RESULT)}).decode())
     except WebSocketDisconnect:
         return

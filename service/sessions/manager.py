@@ -51,7 +51,7 @@ from service.config import Settings
 from service.engine import Engine
 from service.engine.batcher import STEP, WorkItem, WorkResult
 from service.engine.cache_lm import AdaptedRow
-from service.engine.errors import VersionNotFoundError
+from service.engine.errors import ModelNotFoundError, VersionNotFoundError
 from service.engine.predictor import adapt_row
 from service.engine.repository import LoadedVersion
 from service.engine.suggest import Candidate, SuggestOptions, Writing, select
@@ -297,12 +297,17 @@ class SessionManager:
         if len(split.pending) > self.settings.max_text_chars:
             raise PendingTooLongError(len(split.pending), self.settings.max_text_chars)
         if not split.committed and self.rows.enabled:
-            lv, rebuilt = self._version_for(record)
-            if not rebuilt:
-                row = self.rows.get(record.id, lv, self.stamp(record, tail, learn), record.state)
-                if row is not None:
-                    record.pending = split.pending
-                    return self._result(lv, record, row, k, split, writing, options, rebuilt=False)
+            # A cached row was computed on this very version object from this very state, so the
+            # state fits it (no _fits check); a version gone or replaced is simply a miss.
+            try:
+                lv: LoadedVersion | None = self.engine.repository.resolve(record.model, record.version)
+            except (ModelNotFoundError, VersionNotFoundError):
+                lv = None
+            row = self.rows.get(record.id, lv, self.stamp(record, tail, learn), record.state) if lv else None
+            if row is not None:
+                assert lv is not None
+                record.pending = split.pending
+                return self._result(lv, record, row, k, split, writing, options, rebuilt=False)
 
         async def submit(choice: tuple[LoadedVersion, bool]) -> _Submitted:
             lv, rebuilt = choice
