@@ -11,14 +11,15 @@ that wait. Typists start spread over one keystroke interval.
 The ramp raises the number of typists N until a level misses p99 ≤ 50 ms or has an error; the
 headline is the most typists served within that. Each server is warmed up first, unmeasured, by
 typists typing the second half of the sentences (:data:`WARMUP_TYPISTS` for :data:`WARMUP_S`;
-the typists of the levels up to 128 type only the first half): a fresh process answers its first
-keystrokes slower (first calls, empty memos of common fragments) than a running service does,
-which showed as 1.01 ms of mid-word p50 at 8 typists, the first level, against 0.67–0.77 ms at 16
-to 128. The service runs once with the fast path (the default) and once with
-``NEXTWORD_SESSION_ROW_CACHE_BYTES=0`` (every keystroke runs the model) as the baseline, in the
-same run. A third ramp measures the floor: ``benchmarks/floor_app.py``, the same stack answering
-every message with a canned reply and no work, i.e. the most typists any service of this shape
-can serve beside this load generator on this machine.
+the typists of the levels up to 128 type only the first half), so that no level measures a
+process's first calls. It made no difference to the first level, 8 typists, whose mid-word p50
+was 1.01 ms with and without it against 0.73 ms at 16 typists: at 8 the machine idles ~19 ms
+between keystrokes, and each one wakes cold cores. The service runs once with the fast path
+(the default) and once with ``NEXTWORD_SESSION_ROW_CACHE_BYTES=0`` (every keystroke runs the
+model) as the baseline, in the same run. A third ramp measures the floor:
+``benchmarks/floor_app.py``, the same stack answering every message with a canned reply and no
+work, i.e. the most typists any service of this shape can serve beside this load generator on
+this machine.
 
 The load generator is lean and in its own processes (``python -m benchmarks.keyboard <settings.json>``,
 one or two, each an asyncio loop of ``websockets`` connections without compression, messages
