@@ -13,7 +13,7 @@ headline is the most typists served within that. Each server is warmed up first,
 typists typing the second half of the sentences (:data:`WARMUP_TYPISTS` for :data:`WARMUP_S`;
 the typists of the levels up to 128 type only the first half), so that no level measures a
 process's first calls. It made no difference to the first level, 8 typists, whose mid-word p50
-was 1.01 ms with and without it against 0.73 ms at 16 typists: at 8 the machine idles ~19 ms
+was 1.01 ms with and without it, against 0.72–0.80 ms from 16 to 128: at 8 the machine idles ~19 ms
 between keystrokes, and each one wakes cold cores. The service runs once with the fast path
 (the default) and once with ``NEXTWORD_SESSION_ROW_CACHE_BYTES=0`` (every keystroke runs the
 model) as the baseline, in the same run. A third ramp measures the floor:
