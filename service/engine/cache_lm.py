@@ -219,18 +219,11 @@ class AdaptedRow:
         assert self.ranked_log_probs is not None
         return self.ranked_log_probs
 
-    @property
-    def values(self) -> np.ndarray:
-        """The vocabulary row in whichever order it is held (for order-free reductions)."""
-        row = self.log_probs if self.log_probs is not None else self.ranked_log_probs
-        assert row is not None
-        return row
-
     @cached_property
     def best_log_prob(self) -> float:
-        """The row's highest log-probability, computed once: a session's keystrokes inside a word
-        all select from the same (cached) row."""
-        return float(np.max(self.values))
+        """The row's highest log-probability (in whichever order it is held), computed once: a
+        session's keystrokes inside a word all select from the same (cached) row."""
+        return float(np.max(self.log_probs if self.log_probs is not None else self.ranked_log_probs))
 
     def written(self, word: str) -> str:
         """How a new word was written (the word itself when not known)."""
@@ -331,8 +324,6 @@ def select_words(
         extra = [(w, float(lp)) for w, lp in zip(row.new_words, row.new_log_probs, strict=True)
                  if w.startswith(prefix) and w not in blocked]
     if not extra:
-        if not exclude:
-            return Selection(vocab_words[:k], ids[:k], lps[:k], top.mass, top.matches)
         kept = [j for j, w in enumerate(vocab_words) if w not in exclude][:k]
         return Selection([vocab_words[j] for j in kept], [ids[j] for j in kept], [lps[j] for j in kept], top.mass,
                          top.matches)

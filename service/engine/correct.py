@@ -28,7 +28,8 @@ a fragment's candidates are a few runs of neighbouring words, so gathering them 
 lines rather than one per candidate. A candidate costs 8 bytes (an int32 position, a float32
 weight): the fragments typed by 192 typists of the keyboard
 benchmark (20,230 distinct) hold 13.3 MB of candidates, so 16 MB keeps them all; at 8 MB the
-cache missed 2.3 times as often, and each miss costs ~200 µs of the event loop.
+cache missed 2.3 times as often. A miss builds the fragment's candidates (~42 µs with the default
+model): its one-error prefixes extend those of the fragment one letter shorter, typed just before.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ LOG_NO_ERROR = math.log(P_NO_ERROR)
 MAX_ERROR_LOG_PROB = max(ERROR_LOG_PROB.values())
 MIN_FRAGMENT = 2  # one letter is too little to call anything a typo
 MAX_FRAGMENT = 32  # longer fragments are not words being typed; no corrections
-# Candidates kept per model version (8 bytes per candidate: an int32 id and a float32 weight; a
+# Candidates kept per model version (8 bytes per candidate: an int32 position and a float32 weight; a
 # two-letter fragment has a few thousand, a longer one tens): the fragments typed most recently.
 CANDIDATE_CACHE_BYTES = 16 << 20
 # Fragments whose one-error prefixes are kept to extend by the next letter: the last keystroke of
@@ -129,7 +130,6 @@ class Corrections:
 
 
 NO_CORRECTIONS = Corrections(np.empty(0, np.int64), np.empty(0, np.float64), -math.inf)
-BARRED = Corrections(np.empty(0, np.int64), np.empty(0, np.float64), -math.inf)  # none cleared the bar
 
 
 @dataclass(frozen=True)
@@ -267,11 +267,9 @@ class Corrector:
             return NO_CORRECTIONS
         order = self.index.sorted_ids
         found = _score(ranked, order, self._candidates(fragment, filtered, False), k, bar)
-        if found is BARRED:
-            return NO_CORRECTIONS
-        if found.empty:
+        if found is not None and found.empty:  # nothing one error away: back off
             found = _score(ranked, order, self._candidates(fragment, filtered, True), k, bar)
-        return NO_CORRECTIONS if found is BARRED else found
+        return NO_CORRECTIONS if found is None else found
 
     def _candidates(self, fragment: str, filtered: bool, backoff: bool) -> _Candidates:
         key = (fragment, filtered, backoff)
@@ -332,10 +330,11 @@ class Corrector:
         return {}
 
 
-def _score(ranked: np.ndarray, order: np.ndarray, candidates: _Candidates, k: int, bar: Bar = NO_BAR) -> Corrections:
+def _score(ranked: np.ndarray, order: np.ndarray, candidates: _Candidates, k: int,
+           bar: Bar = NO_BAR) -> Corrections | None:
     """The ``k`` best of a fragment's candidates under one ranked row (model log-prob + error
-    log-prob); ``order``: the word id at each sorted position. :data:`BARRED` when candidates
-    with finite scores exist but none clears ``bar``."""
+    log-prob); ``order``: the word id at each sorted position. None when candidates with finite
+    scores exist but none clears ``bar``."""
     positions = candidates.positions
     if positions.size == 0:
         return NO_CORRECTIONS
@@ -349,7 +348,7 @@ def _score(ranked: np.ndarray, order: np.ndarray, candidates: _Candidates, k: in
             return NO_CORRECTIONS
         top = float(np.maximum.reduce(scores))
     if not bar.cleared_by(top):
-        return BARRED
+        return None
     log_total = top + math.log(float(np.add.reduce(np.exp(scores - top))))
     if positions.size > k:
         part = np.argpartition(-scores, k - 1)[:k]

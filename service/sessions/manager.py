@@ -249,13 +249,18 @@ class SessionManager:
 
     # --- the model work -------------------------------------------------------------------------
 
+    def _own_version(self, record: SessionRecord) -> LoadedVersion | None:
+        """The version the session's state was computed on, if it is still loaded."""
+        try:
+            return self.engine.repository.resolve(record.model, record.version)
+        except (ModelNotFoundError, VersionNotFoundError):
+            return None
+
     def _version_for(self, record: SessionRecord) -> tuple[LoadedVersion, bool]:
         """The session's own version if loaded and its state fits, else the serving one (rebuild)."""
-        repository = self.engine.repository
-        try:
-            lv = repository.resolve(record.model, record.version)
-        except VersionNotFoundError:
-            return repository.resolve(record.model), True
+        lv = self._own_version(record)
+        if lv is None:
+            return self.engine.repository.resolve(record.model), True
         return lv, not _fits(lv, record)
 
     def adjust_row(self, lv: LoadedVersion, record: SessionRecord, log_probs: np.ndarray, tail: list[str],
@@ -299,15 +304,12 @@ class SessionManager:
         if not split.committed and self.rows.enabled:
             # A cached row was computed on this very version object from this very state, so the
             # state fits it (no _fits check); a version gone or replaced is simply a miss.
-            try:
-                lv: LoadedVersion | None = self.engine.repository.resolve(record.model, record.version)
-            except (ModelNotFoundError, VersionNotFoundError):
-                lv = None
-            row = self.rows.get(record.id, lv, self.stamp(record, tail, learn), record.state) if lv else None
-            if row is not None:
-                assert lv is not None
-                record.pending = split.pending
-                return self._result(lv, record, row, k, split, writing, options, rebuilt=False)
+            lv = self._own_version(record)
+            if lv is not None:
+                row = self.rows.get(record.id, lv, self.stamp(record, tail, learn), record.state)
+                if row is not None:
+                    record.pending = split.pending
+                    return self._result(lv, record, row, k, split, writing, options, rebuilt=False)
 
         async def submit(choice: tuple[LoadedVersion, bool]) -> _Submitted:
             lv, rebuilt = choice
